@@ -1,0 +1,147 @@
+"""Adapter files: one safetensors file, tensors keyed by module path, config in its metadata."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+
+from hyperbooth.adapters.config import AdapterConfig
+from hyperbooth.adapters.inject import Adapter, add_adapter, base_fingerprint, target_layers
+from hyperbooth.adapters.layers import LiDBWeights
+from hyperbooth.errors import HyperboothError
+
+FORMAT = "hyperbooth.adapter/1"
+METADATA_KEY = "hyperbooth"
+
+
+def aux_checksum(adapter: Adapter) -> float:
+    """A float64 sum of every LiDB aux basis: detects bases regenerated differently on load."""
+    total = 0.0
+    for weights in adapter.weights().values():
+        if isinstance(weights, LiDBWeights):
+            total += weights.lidb_a_aux.double().sum().item()
+            total += weights.lidb_b_aux.double().sum().item()
+    return total
+
+
+@dataclass
+class AdapterFile:
+    """An adapter as stored: config, tensors by key, and where it came from."""
+
+    config: AdapterConfig
+    tensors: dict[str, torch.Tensor]
+    base_fingerprint: str
+    base_name: str = ""
+    aux_checksum: float = 0.0
+    info: dict | None = None
+
+
+def atomic_save_safetensors(
+    tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
+) -> None:
+    """Write a safetensors file via a temp file + rename, so no half-written file remains."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        save_file(contiguous, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise HyperboothError(
+            f"cannot write {path}: {e.strerror or e} (free disk space or pick another --out)"
+        ) from e
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_adapter(
+    adapter: Adapter, path: str | Path, base_name: str = "", info: dict | None = None
+) -> None:
+    """Save an adapter's trainable tensors with its config and base fingerprint."""
+    meta = {
+        "format": FORMAT,
+        "config": json.loads(adapter.config.to_json()),
+        "base_fingerprint": adapter.fingerprint,
+        "base_name": base_name,
+        "aux_checksum": aux_checksum(adapter),
+        "info": info or {},
+    }
+    atomic_save_safetensors(adapter.state_dict(), path, {METADATA_KEY: json.dumps(meta)})
+
+
+def read_adapter(path: str | Path) -> AdapterFile:
+    """Read an adapter file (safetensors only) without touching any model."""
+    path = Path(path)
+    if not path.is_file():
+        raise HyperboothError(f"adapter file not found: {path} (check the path)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise HyperboothError(
+            f"not a readable safetensors file: {path} ({str(e).splitlines()[0]}); "
+            "pass an adapter written by hyperbooth"
+        ) from e
+    if METADATA_KEY not in metadata:
+        raise HyperboothError(
+            f"{path} has no hyperbooth metadata; it is not a hyperbooth adapter "
+            "(diffusers/kohya LoRA files are loaded by their own tools)"
+        )
+    meta = json.loads(metadata[METADATA_KEY])
+    if meta.get("format") != FORMAT:
+        raise HyperboothError(
+            f"{path} has adapter format {meta.get('format')!r}, expected {FORMAT!r}"
+        )
+    return AdapterFile(
+        config=AdapterConfig.from_json(meta["config"]),
+        tensors=tensors,
+        base_fingerprint=meta["base_fingerprint"],
+        base_name=meta.get("base_name", ""),
+        aux_checksum=float(meta.get("aux_checksum", 0.0)),
+        info=meta.get("info") or {},
+    )
+
+
+def check_fits(file: AdapterFile, base: object, path: str | Path = "adapter") -> None:
+    """Raise a one-line error unless the adapter's layers exist with the same shapes in base."""
+    try:
+        fingerprint = base_fingerprint(target_layers(base, file.config))
+    except HyperboothError:
+        fingerprint = "(its layers are missing)"
+    if fingerprint != file.base_fingerprint:
+        made_for = f" ({file.base_name})" if file.base_name else ""
+        raise HyperboothError(
+            f"{path} was made for another base{made_for}: fingerprint {file.base_fingerprint}, "
+            f"this base gives {fingerprint}; pass the --base it was trained on"
+        )
+
+
+def load_adapter(
+    path: str | Path, base: object, name: str | None = None, weight: float = 1.0
+) -> Adapter:
+    """Read an adapter file and inject it into base under `name` (default: the file stem)."""
+    file = read_adapter(path)
+    check_fits(file, base, path)
+    adapter = add_adapter(base, file.config, name or Path(path).stem)
+    adapter.load_state_dict(file.tensors)
+    checksum = aux_checksum(adapter)
+    if abs(checksum - file.aux_checksum) > 1e-6 * max(1.0, abs(file.aux_checksum)):
+        adapter.remove()
+        raise HyperboothError(
+            f"{path}: LiDB aux bases regenerated from seed {file.config.seed} do not match the "
+            f"ones it was trained with (checksum {checksum:.9g} vs {file.aux_checksum:.9g})"
+        )
+    adapter.set_scale(weight)
+    return adapter

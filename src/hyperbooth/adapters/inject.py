@@ -1,0 +1,220 @@
+"""Injection by module-path pattern, and the handle to one named adapter inside a base.
+
+Tensors are keyed ``<component>.<module path>.<parameter>`` where the parameter name carries
+the method prefix (``lora_down``, ``lidb_a_train``...). Files, checkpoints, merging, export and
+the hypernetwork's outputs all use these keys.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterator, Mapping
+
+import torch
+from torch import nn
+
+from hyperbooth.adapters.config import COMPONENTS, AdapterConfig
+from hyperbooth.adapters.layers import AdaptedLinear, AdapterWeights, make_weights
+from hyperbooth.errors import HyperboothError
+
+
+def components(base: object) -> dict[str, nn.Module]:
+    """The adaptable models of a base (anything with .unet and .text_encoder), by name."""
+    return {name: getattr(base, name) for name in COMPONENTS if hasattr(base, name)}
+
+
+def find_targets(model: nn.Module, patterns: tuple[str, ...]) -> list[str]:
+    """Paths of the nn.Linear layers (wrapped or not) whose path fully matches a pattern."""
+    compiled = [re.compile(p) for p in patterns]
+    found = []
+    for path, module in model.named_modules():
+        if isinstance(module, AdaptedLinear):
+            pass
+        elif not isinstance(module, nn.Linear) or path.endswith(".base_layer"):
+            continue
+        if any(p.fullmatch(path) for p in compiled):
+            found.append(path)
+    return found
+
+
+def target_layers(base: object, config: AdapterConfig) -> dict[str, nn.Module]:
+    """Every layer the config adapts, keyed '<component>.<path>'; errors if a pattern matches nothing."""
+    layers: dict[str, nn.Module] = {}
+    for component, model in components(base).items():
+        for pattern in config.targets(component):
+            paths = find_targets(model, (pattern,))
+            if not paths:
+                raise HyperboothError(
+                    f"layer pattern {pattern!r} matches no nn.Linear in the {component}; "
+                    f"check it against the module names (e.g. 'down_blocks.0.attentions.0."
+                    f"transformer_blocks.0.attn1.to_q' or 'encoder.layers.0.self_attn.q_proj')"
+                )
+            for path in paths:
+                layers[f"{component}.{path}"] = model.get_submodule(path)
+    return dict(sorted(layers.items()))
+
+
+def base_fingerprint(layers: Mapping[str, nn.Module]) -> str:
+    """A hash of the adapted layers' keys and weight shapes: equal iff an adapter fits."""
+    lines = [f"{key}:{tuple(layer.weight.shape)}" for key, layer in sorted(layers.items())]
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
+
+
+def _wrap(model: nn.Module, path: str) -> AdaptedLinear:
+    """Replace the nn.Linear at `path` by an AdaptedLinear (idempotent)."""
+    module = model.get_submodule(path)
+    if isinstance(module, AdaptedLinear):
+        return module
+    wrapped = AdaptedLinear(module)
+    parent_path, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, child, wrapped)
+    return wrapped
+
+
+class Adapter:
+    """One named adapter injected into a base: its config, its layers and its tensors by key."""
+
+    def __init__(
+        self,
+        config: AdapterConfig,
+        name: str,
+        layers: dict[str, AdaptedLinear],
+        fingerprint: str,
+    ):
+        self.config = config
+        self.name = name
+        self.layers = layers
+        self.fingerprint = fingerprint
+
+    # -- tensors by key ------------------------------------------------------------------
+    def weights(self) -> dict[str, AdapterWeights]:
+        """The per-layer weight modules, keyed '<component>.<path>'."""
+        return {key: layer.adapters[self.name] for key, layer in self.layers.items()}
+
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """Trainable tensors keyed '<component>.<path>.<parameter>'."""
+        for key, weights in self.weights().items():
+            for pname, param in weights.named_parameters():
+                yield f"{key}.{pname}", param
+
+    def parameters(self) -> list[nn.Parameter]:
+        """The trainable tensors, in key order."""
+        return [p for _, p in self.named_parameters()]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Detached trainable tensors by key (what a file stores)."""
+        return {k: p.detach() for k, p in self.named_parameters()}
+
+    def load_state_dict(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Copy tensors into the adapter; keys and shapes must match exactly."""
+        own = dict(self.named_parameters())
+        missing, unexpected = set(own) - set(tensors), set(tensors) - set(own)
+        if missing or unexpected:
+            raise HyperboothError(
+                f"adapter tensors do not match its layers: {len(missing)} missing "
+                f"(e.g. {sorted(missing)[:1]}), {len(unexpected)} unexpected "
+                f"(e.g. {sorted(unexpected)[:1]}); was the file made with another layer set?"
+            )
+        with torch.no_grad():
+            for key, param in own.items():
+                value = tensors[key]
+                if value.shape != param.shape:
+                    raise HyperboothError(
+                        f"adapter tensor {key} has shape {tuple(value.shape)}, "
+                        f"the layer needs {tuple(param.shape)}"
+                    )
+                param.copy_(value)
+
+    def module_parameter_names(self) -> dict[str, tuple[str, str]]:
+        """Key -> (component, parameter name inside that component's model), for functional_call."""
+        names = {}
+        for key, _ in self.named_parameters():
+            component, _, rest = key.partition(".")
+            path, _, pname = rest.rpartition(".")
+            names[key] = (component, f"{path}.adapters.{self.name}.{pname}")
+        return names
+
+    # -- behaviour -----------------------------------------------------------------------
+    def num_parameters(self) -> int:
+        """Trainable numbers in this adapter."""
+        return sum(p.numel() for p in self.parameters())
+
+    def set_scale(self, weight: float) -> None:
+        """Set the output scale to config.scale * weight on every layer."""
+        for layer in self.layers.values():
+            if self.name in layer.merged:
+                raise RuntimeError(f"adapter {self.name!r} is merged; unmerge before rescaling")
+            layer.scales[self.name] = self.config.scale * weight
+
+    def merge(self) -> None:
+        """Fold the adapter into the base weights."""
+        for layer in self.layers.values():
+            layer.merge(self.name)
+
+    def unmerge(self) -> None:
+        """Take the adapter back out of the base weights."""
+        for layer in self.layers.values():
+            layer.unmerge(self.name)
+
+    def remove(self) -> None:
+        """Detach the adapter from every layer (unmerging first)."""
+        for layer in self.layers.values():
+            layer.remove(self.name)
+
+    def materialize(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Plain LoRA factors per layer with the scale folded into up: key -> (down, up)."""
+        out = {}
+        with torch.no_grad():
+            for key, layer in self.layers.items():
+                down, up = layer.adapters[self.name].factors()
+                out[key] = (down.detach().clone(), (layer.scales[self.name] * up).detach().clone())
+        return out
+
+
+def add_adapter(
+    base: object,
+    config: AdapterConfig,
+    name: str = "default",
+    n_samples: int | None = None,
+) -> Adapter:
+    """Inject a fresh adapter into every layer the config targets; returns its handle.
+
+    n_samples > 0 gives every layer a leading batch dimension: batch element i uses set i.
+    """
+    targets = target_layers(base, config)
+    fingerprint = base_fingerprint(targets)
+    models = components(base)
+    layers: dict[str, AdaptedLinear] = {}
+    for key in targets:
+        component, _, path = key.partition(".")
+        layer = _wrap(models[component], path)
+        layer.add(name, make_weights(config, key, layer.base_layer, n_samples), config.scale)
+        layers[key] = layer
+    return Adapter(config, name, layers, fingerprint)
+
+
+def adapted_layers(base: object) -> dict[str, AdaptedLinear]:
+    """Every AdaptedLinear in the base, keyed '<component>.<path>'."""
+    found = {}
+    for component, model in components(base).items():
+        for path, module in model.named_modules():
+            if isinstance(module, AdaptedLinear):
+                found[f"{component}.{path}"] = module
+    return found
+
+
+class disable_adapters:
+    """Context manager: run the base as if no (unmerged) adapter were attached."""
+
+    def __init__(self, base: object):
+        self.layers = list(adapted_layers(base).values())
+
+    def __enter__(self) -> None:
+        for layer in self.layers:
+            layer.disabled = True
+
+    def __exit__(self, *exc: object) -> None:
+        for layer in self.layers:
+            layer.disabled = False

@@ -1,0 +1,232 @@
+"""Adapter weights and the nn.Linear wrapper that adds them to a frozen base layer.
+
+Every weight-space adapter reduces to low-rank factors ``down`` (r x in) and ``up`` (out x r),
+so ``delta W = up @ down``. A leading batch dimension on the factors is the per-sample path:
+element i of the input batch uses factors[i] (pre-optimising many identities at once, the
+hypernetwork's predictions).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hyperbooth.adapters.config import AdapterConfig
+
+
+def layer_seed(seed: int, key: str) -> int:
+    """A stable 63-bit seed for one layer's aux bases, from the adapter seed and the layer key."""
+    digest = hashlib.sha256(f"{seed}/{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def orthogonal_rows(n_rows: int, n_cols: int, seed: int) -> torch.Tensor:
+    """Random rows of unit norm, mutually orthogonal when n_rows <= n_cols; float32 on CPU.
+
+    Generated on the CPU in float64 from a private generator, so the same seed gives the same
+    bits in any process and for any target device (move the result afterwards).
+    """
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    gaussian = torch.randn(n_rows, n_cols, generator=generator, dtype=torch.float64)
+    if n_rows <= n_cols:
+        q, r = torch.linalg.qr(gaussian.T)  # (n_cols, n_rows), orthonormal columns
+        rows = (q * torch.sign(torch.diagonal(r))).T  # sign fix makes the factorisation unique
+    else:
+        # More rows than dimensions (only in tiny test models): orthogonality is impossible,
+        # keep unit-norm random rows.
+        rows = gaussian / gaussian.norm(dim=1, keepdim=True)
+    return rows.to(torch.float32).contiguous()
+
+
+class AdapterWeights(nn.Module):
+    """Base class: trainable tensors that yield low-rank factors (down, up) for one layer."""
+
+    n_samples: int | None
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (down, up): (r, in) and (out, r), or (B, r, in) and (B, out, r) per sample."""
+        raise NotImplementedError
+
+    def delta_weight(self) -> torch.Tensor:
+        """The dense weight change up @ down: (out, in), or (B, out, in) per sample."""
+        down, up = self.factors()
+        return up @ down
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The adapter's contribution to the layer output for input x (..., in)."""
+        down, up = self.factors()
+        if down.dim() == 2:
+            return F.linear(F.linear(x, down), up)
+        batch = down.shape[0]
+        if x.shape[0] != batch:
+            raise ValueError(
+                f"per-sample adapter holds {batch} weight sets but the input batch is {x.shape[0]}"
+            )
+        flat = x.reshape(batch, -1, x.shape[-1])  # (B, tokens, in)
+        hidden = torch.bmm(flat, down.transpose(1, 2))  # (B, tokens, r)
+        out = torch.bmm(hidden, up.transpose(1, 2))  # (B, tokens, out)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+class LoRAWeights(AdapterWeights):
+    """Plain LoRA: both factors train; up starts at zero so the adapter starts as a no-op."""
+
+    def __init__(
+        self, in_features: int, out_features: int, rank: int, n_samples: int | None = None
+    ):
+        super().__init__()
+        self.n_samples = n_samples
+        lead = (n_samples,) if n_samples else ()
+        self.lora_down = nn.Parameter(torch.empty(*lead, rank, in_features))
+        self.lora_up = nn.Parameter(torch.zeros(*lead, out_features, rank))
+        # Same initialisation as peft's LoRA (kaiming-uniform A, zero B).
+        bound = 1.0 / math.sqrt(in_features)
+        nn.init.uniform_(self.lora_down, -bound, bound)
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (down, up) directly."""
+        return self.lora_down, self.lora_up
+
+
+class LiDBWeights(AdapterWeights):
+    """Lightweight DreamBooth: down = A_train @ A_aux, up = B_aux @ B_train, aux bases frozen.
+
+    A_aux (a, in) and B_aux^T (b, out) have random orthonormal rows regenerated from the seed;
+    they are buffers that are never saved (the seed is).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        a: int,
+        b: int,
+        seed: int,
+        n_samples: int | None = None,
+    ):
+        super().__init__()
+        self.n_samples = n_samples
+        lead = (n_samples,) if n_samples else ()
+        self.register_buffer("lidb_a_aux", orthogonal_rows(a, in_features, seed), persistent=False)
+        self.register_buffer(
+            "lidb_b_aux",
+            orthogonal_rows(b, out_features, seed + 1).T.contiguous(),
+            persistent=False,
+        )
+        # Unit-norm aux rows: A_train ~ N(0, 1/a) gives down rows of norm ~1; B_train = 0 so the
+        # adapter starts as a no-op.
+        self.lidb_a_train = nn.Parameter(torch.randn(*lead, rank, a) / math.sqrt(a))
+        self.lidb_b_train = nn.Parameter(torch.zeros(*lead, b, rank))
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Materialise the rank-r factors (cheap: independent of the number of tokens)."""
+        down = self.lidb_a_train @ self.lidb_a_aux  # (..., r, in)
+        up = self.lidb_b_aux @ self.lidb_b_train  # (..., out, r)
+        return down, up
+
+
+def make_weights(
+    config: AdapterConfig, key: str, base: nn.Linear, n_samples: int | None = None
+) -> AdapterWeights:
+    """Build the adapter weights of `config` for one base layer identified by `key`."""
+    if config.kind == "lidb":
+        return LiDBWeights(
+            base.in_features,
+            base.out_features,
+            config.rank,
+            config.lidb_a,
+            config.lidb_b,
+            layer_seed(config.seed, key),
+            n_samples,
+        )
+    return LoRAWeights(base.in_features, base.out_features, config.rank, n_samples)
+
+
+class AdaptedLinear(nn.Module):
+    """A frozen nn.Linear plus any number of named adapters, each with its own scale."""
+
+    def __init__(self, base_layer: nn.Linear):
+        super().__init__()
+        self.base_layer = base_layer
+        self.adapters = nn.ModuleDict()
+        self.scales: dict[str, float] = {}
+        self.merged: list[str] = []
+        self.disabled = False
+
+    @property
+    def in_features(self) -> int:
+        """Input width of the wrapped layer."""
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        """Output width of the wrapped layer."""
+        return self.base_layer.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The wrapped layer's weight (some callers read it directly)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The wrapped layer's bias."""
+        return self.base_layer.bias
+
+    def add(self, name: str, weights: AdapterWeights, scale: float) -> None:
+        """Attach adapter weights under a name."""
+        if name in self.adapters:
+            raise ValueError(f"adapter {name!r} is already attached to this layer")
+        self.adapters[name] = weights.to(self.base_layer.weight.device)
+        self.scales[name] = scale
+
+    def remove(self, name: str) -> None:
+        """Detach an adapter (unmerging it first if merged)."""
+        if name in self.merged:
+            self.unmerge(name)
+        del self.adapters[name]
+        del self.scales[name]
+
+    def merge(self, name: str) -> None:
+        """Add the adapter's delta into the base weight; it then stops acting as a side path."""
+        if name in self.merged:
+            return
+        weights = self.adapters[name]
+        if weights.n_samples:
+            raise ValueError("a per-sample adapter cannot be merged into one base weight")
+        with torch.no_grad():
+            delta = self.scales[name] * weights.delta_weight()
+            self.base_layer.weight += delta.to(self.base_layer.weight.dtype)
+        self.merged.append(name)
+
+    def unmerge(self, name: str) -> None:
+        """Subtract a merged adapter's delta from the base weight again."""
+        if name not in self.merged:
+            return
+        with torch.no_grad():
+            delta = self.scales[name] * self.adapters[name].delta_weight()
+            self.base_layer.weight -= delta.to(self.base_layer.weight.dtype)
+        self.merged.remove(name)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Base output plus every active, unmerged adapter's scaled contribution."""
+        out = self.base_layer(x)
+        if self.disabled:
+            if self.merged:
+                raise RuntimeError("cannot disable adapters that are merged; unmerge them first")
+            return out
+        for name, weights in self.adapters.items():
+            scale = self.scales[name]
+            if name in self.merged or scale == 0:
+                continue
+            param = next(weights.parameters())
+            # Under autocast the matmuls pick their own precision; otherwise match the adapter dtype.
+            autocast = torch.is_autocast_enabled(x.device.type)
+            delta = weights(x if autocast else x.to(param.dtype))
+            out = out + scale * delta.to(out.dtype)
+        return out

@@ -1,0 +1,58 @@
+"""The diffusion loss every method trains with (METHOD section 1)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from torch import nn
+
+
+def sample_latents(
+    mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
+    """Draw z0 from cached VAE posteriors (mean, std are already multiplied by scaling_factor)."""
+    eps = torch.randn(mean.shape, generator=generator, dtype=torch.float32).to(mean.device)
+    return mean + std * eps.to(mean.dtype)
+
+
+def diffusion_target(
+    scheduler: SchedulerMixin, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
+    """What the UNet must predict, read from scheduler.config.prediction_type."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    if kind == "sample":
+        return latents
+    raise ValueError(f"unsupported prediction_type {kind!r}")
+
+
+def diffusion_loss(
+    unet: nn.Module,
+    scheduler: SchedulerMixin,
+    latents: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    generator: torch.Generator,
+    reduce: bool = True,
+) -> torch.Tensor:
+    """MSE between the UNet's prediction on noised latents and its target.
+
+    All randomness (noise, timesteps) comes from `generator` (a CPU generator), so a step is a
+    pure function of its seed: that is what makes resume exact.
+    With reduce=False the loss is per batch element (B,).
+    """
+    batch = latents.shape[0]
+    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
+    noise = noise.to(latents.device, latents.dtype)
+    timesteps = torch.randint(
+        0, scheduler.config.num_train_timesteps, (batch,), generator=generator
+    ).to(latents.device)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    prediction = unet(noisy, timesteps, encoder_hidden_states).sample
+    target = diffusion_target(scheduler, latents, noise, timesteps)
+    loss = F.mse_loss(prediction.float(), target.float(), reduction="none")
+    loss = loss.mean(dim=tuple(range(1, loss.dim())))
+    return loss.mean() if reduce else loss

@@ -1,0 +1,90 @@
+"""Base + adapters + prompts -> images, and the PNG grid that shows them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+from PIL import Image, ImageDraw, ImageFont
+from tqdm.auto import tqdm
+
+
+def make_pipeline(base: object) -> StableDiffusionPipeline:
+    """A StableDiffusionPipeline over the base's own (possibly adapted) modules."""
+    scheduler = DPMSolverMultistepScheduler.from_config(base.scheduler.config)
+    pipe = StableDiffusionPipeline(
+        vae=base.vae,
+        text_encoder=base.text_encoder,
+        tokenizer=base.tokenizer,
+        unet=base.unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def generate_images(
+    base: object,
+    prompts: Sequence[str],
+    n: int = 4,
+    seed: int = 0,
+    steps: int = 25,
+    guidance: float = 7.5,
+    batch_size: int = 4,
+    negative_prompt: str | None = None,
+    progress: bool = True,
+) -> list[list[Image.Image]]:
+    """n images per prompt; image j of every prompt uses seed + j, so results are repeatable."""
+    pipe = make_pipeline(base)
+    size = base.resolution
+    out: list[list[Image.Image]] = [[] for _ in prompts]
+    jobs = [(p, j) for p in range(len(prompts)) for j in range(n)]
+    bar = tqdm(total=len(jobs), desc="generate", disable=not progress)
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start : start + batch_size]
+        generators = [torch.Generator("cpu").manual_seed(seed + j) for _, j in chunk]
+        images = pipe(
+            [prompts[p] for p, _ in chunk],
+            negative_prompt=[negative_prompt] * len(chunk) if negative_prompt else None,
+            height=size,
+            width=size,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=generators,
+        ).images
+        for (p, _), image in zip(chunk, images, strict=True):
+            out[p].append(image)
+        bar.update(len(chunk))
+    bar.close()
+    return out
+
+
+def image_grid(
+    rows: Sequence[Sequence[Image.Image]],
+    labels: Sequence[str] | None = None,
+    cell: int | None = None,
+    reference: Image.Image | None = None,
+) -> Image.Image:
+    """Lay images out in rows (one per prompt), each with its label above; optional reference column."""
+    cell = cell or max(64, max(im.width for row in rows for im in row))
+    label_h = 14 if labels else 0
+    columns = max(len(r) for r in rows) + (1 if reference is not None else 0)
+    grid = Image.new("RGB", (columns * cell, len(rows) * (cell + label_h)), "white")
+    draw = ImageDraw.Draw(grid)
+    font = ImageFont.load_default()
+    for r, row in enumerate(rows):
+        top = r * (cell + label_h)
+        if labels:
+            draw.text((2, top + 1), labels[r], fill="black", font=font)
+        images = ([reference] if reference is not None else []) + list(row)
+        for c, image in enumerate(images):
+            resample = Image.Resampling.NEAREST if image.width < cell else Image.Resampling.LANCZOS
+            grid.paste(
+                image.convert("RGB").resize((cell, cell), resample), (c * cell, top + label_h)
+            )
+    return grid

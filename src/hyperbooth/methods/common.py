@@ -1,0 +1,175 @@
+"""What every method shares: the subject's prompts and cached latents, and the batch loss."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from hyperbooth.diffusion import diffusion_loss, sample_latents
+from hyperbooth.errors import HyperboothError
+from hyperbooth.images import IMAGE_SUFFIXES, collect_images, load_image, save_png, to_tensor
+from hyperbooth.training import StepBatch
+
+
+@dataclass
+class SubjectConfig:
+    """Who the subject is and how prompts name it (DreamBooth's "a [V] [class]")."""
+
+    token: str = "sks"
+    class_name: str = "face"
+    instance_prompt: str | None = None  # default "a {token} {class_name}"
+    prior_preservation: bool = False
+    prior_weight: float = 1.0
+    num_class_images: int = 100
+    class_prompt: str | None = None  # default "a {class_name}"
+    class_images_dir: str | None = None  # default <out>/class_images; reused across runs
+
+    def __post_init__(self) -> None:
+        if not self.token or any(c.isspace() for c in self.token):
+            raise HyperboothError(f"--token must be one word, got {self.token!r}")
+        if self.instance_prompt is not None and self.token not in self.instance_prompt.split():
+            raise HyperboothError(
+                f"the prompt {self.instance_prompt!r} does not contain the token {self.token!r}; "
+                f"write it in, e.g. 'a {self.token} {self.class_name}'"
+            )
+
+    @property
+    def prompt(self) -> str:
+        """The instance prompt."""
+        return self.instance_prompt or f"a {self.token} {self.class_name}"
+
+    @property
+    def prior_prompt(self) -> str:
+        """The class prompt for prior preservation."""
+        return self.class_prompt or f"a {self.class_name}"
+
+
+def token_ids(base: object, prompt: str) -> torch.Tensor:
+    """Tokenise one prompt to (1, 77) ids."""
+    return base.tokenizer(
+        prompt,
+        padding="max_length",
+        max_length=base.tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+
+
+@torch.no_grad()
+def encode_images(base: object, images: list[Image.Image], device: torch.device, chunk: int = 4):
+    """VAE posteriors of images as (mean, std), already multiplied by vae.config.scaling_factor."""
+    means, stds = [], []
+    scale = base.vae.config.scaling_factor
+    for start in range(0, len(images), chunk):
+        pixels = torch.stack([to_tensor(im) for im in images[start : start + chunk]])
+        pixels = pixels.to(device, base.vae.dtype)
+        posterior = base.vae.encode(pixels).latent_dist
+        means.append(posterior.mean.float() * scale)
+        stds.append(posterior.std.float() * scale)
+    return torch.cat(means), torch.cat(stds)
+
+
+def class_images(base: object, subject: SubjectConfig, folder: Path, progress: bool = True):
+    """The prior-preservation images: reuse what is in folder, generate the rest with the frozen base."""
+    from hyperbooth.generate import generate_images
+
+    folder.mkdir(parents=True, exist_ok=True)
+    have = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    missing = subject.num_class_images - len(have)
+    if missing > 0:
+        # Seeds continue after the existing images, so an interrupted generation resumes.
+        images = generate_images(
+            base, [subject.prior_prompt], n=missing, seed=len(have), progress=progress
+        )[0]
+        for i, image in enumerate(images):
+            save_png(image, folder / f"class_{len(have) + i:05d}.png")
+    return [
+        load_image(p, base.resolution) for p in collect_images(folder)[: subject.num_class_images]
+    ]
+
+
+@dataclass
+class SubjectData:
+    """Cached, device-resident training data: latent posteriors and token ids."""
+
+    instance_mean: torch.Tensor  # (N, 4, h, w)
+    instance_std: torch.Tensor
+    instance_ids: torch.Tensor  # (1, 77)
+    class_mean: torch.Tensor | None = None
+    class_std: torch.Tensor | None = None
+    class_ids: torch.Tensor | None = None
+    hidden_cache: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def prepare_subject(
+    base: object,
+    subject: SubjectConfig,
+    images: list[Image.Image],
+    device: torch.device,
+    out_dir: Path,
+    progress: bool = True,
+) -> SubjectData:
+    """Encode the subject (and class) images once; tokenise the prompts once."""
+    if not images:
+        raise HyperboothError(
+            "no training images given; pass --images with 1-5 photos of the subject"
+        )
+    mean, std = encode_images(base, images, device)
+    data = SubjectData(mean, std, token_ids(base, subject.prompt).to(device))
+    if subject.prior_preservation:
+        folder = (
+            Path(subject.class_images_dir) if subject.class_images_dir else out_dir / "class_images"
+        )
+        pictures = class_images(base, subject, folder, progress)
+        data.class_mean, data.class_std = encode_images(base, pictures, device)
+        data.class_ids = token_ids(base, subject.prior_prompt).to(device)
+    return data
+
+
+class SubjectMethod:
+    """The DreamBooth-family loss: diffusion loss on the subject, plus the class prior if asked."""
+
+    name = "subject"
+    default_learning_rate = 1e-4
+
+    def __init__(self, base: object, subject: SubjectConfig, data: SubjectData):
+        self.base = base
+        self.subject = subject
+        self.data = data
+
+    def text_encoder_trains(self) -> bool:
+        """Whether any text-encoder tensor is trainable (then embeddings cannot be cached)."""
+        return any(p.requires_grad for p in self.base.text_encoder.parameters())
+
+    def encode_prompt(self, ids: torch.Tensor) -> torch.Tensor:
+        """Text-encoder hidden states for ids (1, 77); cached while the text encoder is frozen."""
+        if self.text_encoder_trains():
+            return self.base.text_encoder(ids)[0]
+        key = str(ids.tolist())
+        if key not in self.data.hidden_cache:
+            with torch.no_grad():
+                self.data.hidden_cache[key] = self.base.text_encoder(ids)[0]
+        return self.data.hidden_cache[key]
+
+    def loss(self, batch: StepBatch) -> torch.Tensor:
+        """Mean diffusion loss on the subject + prior_weight * mean loss on class images."""
+        g, n, data = batch.generator, batch.batch_size, self.data
+        index = torch.randint(0, data.instance_mean.shape[0], (n,), generator=g)
+        means, stds = [data.instance_mean[index]], [data.instance_std[index]]
+        hidden = [self.encode_prompt(data.instance_ids).expand(n, -1, -1)]
+        if data.class_mean is not None:
+            index = torch.randint(0, data.class_mean.shape[0], (n,), generator=g)
+            means.append(data.class_mean[index])
+            stds.append(data.class_std[index])
+            hidden.append(self.encode_prompt(data.class_ids).expand(n, -1, -1))
+        latents = sample_latents(torch.cat(means), torch.cat(stds), g)
+        per_sample = diffusion_loss(
+            self.base.unet, self.base.scheduler, latents, torch.cat(hidden), g, reduce=False
+        )
+        loss = per_sample[:n].mean()
+        if data.class_mean is not None:
+            loss = loss + self.subject.prior_weight * per_sample[n:].mean()
+        return loss

@@ -1,0 +1,260 @@
+"""The one training loop every method uses: seeded steps, accumulation, precision, exact resume.
+
+A step is a pure function of (seed, step, micro-batch, process rank): data indices, latent
+samples, noise and timesteps all come from a CPU generator seeded from those numbers. So a
+checkpoint only needs the trainable tensors, the optimizer state and the step number, and a
+resumed run ends with exactly the weights of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from hyperbooth.adapters.files import atomic_save_safetensors
+from hyperbooth.errors import HyperboothError
+
+PRECISIONS = ("no", "bf16", "fp16")
+
+
+@dataclass
+class TrainConfig:
+    """How to run the loop (what trains and on which loss is the method's business)."""
+
+    steps: int = 400
+    learning_rate: float | None = None  # None: the method's default
+    batch_size: int = 1
+    gradient_accumulation: int = 1
+    seed: int = 0
+    mixed_precision: str = "no"  # autocast dtype; trainable tensors stay float32
+    checkpoint_every: int = 0  # 0: only at the end
+    max_grad_norm: float | None = 1.0
+    weight_decay: float = 0.0
+    device: str = "auto"  # "auto" picks CUDA when present
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise HyperboothError(f"--steps must be >= 1, got {self.steps}")
+        if self.batch_size < 1 or self.gradient_accumulation < 1:
+            raise HyperboothError("--batch-size and --gradient-accumulation must be >= 1")
+        if self.mixed_precision not in PRECISIONS:
+            raise HyperboothError(
+                f"--mixed-precision must be one of {PRECISIONS}, got {self.mixed_precision!r}"
+            )
+
+
+@dataclass
+class StepBatch:
+    """What a method's loss sees for one micro-batch."""
+
+    generator: torch.Generator  # the only source of randomness for this micro-batch
+    batch_size: int
+
+
+class Method(Protocol):
+    """A personalisation method: what trains, its loss for a batch, and how it is saved."""
+
+    name: str
+    default_learning_rate: float
+
+    def trainable(self) -> dict[str, torch.nn.Parameter]:
+        """The tensors the optimizer updates, keyed by module path (set up before training)."""
+
+    def loss(self, batch: StepBatch) -> torch.Tensor:
+        """The scalar loss of one micro-batch."""
+
+    def save(self, out_dir: Path) -> Path:
+        """Write the result into out_dir and return the main file or folder."""
+
+
+def step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
+    """The CPU generator for one micro-batch: a pure function of its coordinates."""
+    mixed = (seed * 1_000_003 + step) * 1_000_003 + micro
+    return torch.Generator(device="cpu").manual_seed((mixed * 65_537 + rank) % (2**63 - 1))
+
+
+def make_accelerator(config: TrainConfig) -> Accelerator:
+    """An Accelerator on the requested device and precision (works under `accelerate launch`)."""
+    use_cpu = config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available())
+    if config.device.startswith("cuda") and not torch.cuda.is_available():
+        raise HyperboothError(
+            "--device cuda was asked for but no CUDA GPU is visible; use --device cpu"
+        )
+    if config.mixed_precision == "fp16" and use_cpu:
+        raise HyperboothError("fp16 mixed precision needs a GPU; on CPU use --mixed-precision bf16")
+    return Accelerator(mixed_precision=config.mixed_precision, cpu=use_cpu)
+
+
+# -- checkpoints ---------------------------------------------------------------------------
+CHECKPOINT_DIR = "checkpoint"
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer state dict into tensors (for safetensors) and the rest (for JSON)."""
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, entry in state["state"].items():
+        for name, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{name}"] = value
+            else:
+                scalars[f"{index}.{name}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, info: dict) -> None:
+    """Inverse of _optimizer_tensors."""
+    state: dict[int, dict] = {}
+    for key, value in [*tensors.items(), *info["scalars"].items()]:
+        index, _, name = key.partition(".")
+        state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": info["param_groups"]})
+
+
+def save_checkpoint(
+    out_dir: Path,
+    step: int,
+    trainable: dict[str, torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    run_info: dict,
+) -> None:
+    """Write <out>/checkpoint atomically: a temp folder renamed over the old one."""
+    final = out_dir / CHECKPOINT_DIR
+    tmp = out_dir / f".{CHECKPOINT_DIR}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    opt_tensors, opt_info = _optimizer_tensors(optimizer)
+    atomic_save_safetensors(
+        {k: p.detach() for k, p in trainable.items()}, tmp / "trainable.safetensors"
+    )
+    atomic_save_safetensors(opt_tensors, tmp / "optimizer.safetensors")
+    (tmp / "state.json").write_text(
+        json.dumps({"step": step, "run": run_info, "optimizer": opt_info})
+    )
+    old = out_dir / f".{CHECKPOINT_DIR}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(
+    out_dir: Path,
+    trainable: dict[str, torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    run_info: dict,
+) -> int:
+    """Restore trainable tensors and optimizer state; return the step to continue from."""
+    from safetensors.torch import load_file
+
+    folder = out_dir / CHECKPOINT_DIR
+    if not (folder / "state.json").is_file():
+        raise HyperboothError(f"--resume: no checkpoint in {folder} (train without --resume first)")
+    state = json.loads((folder / "state.json").read_text())
+    if state["run"] != run_info:
+        changed = sorted(k for k in run_info if state["run"].get(k) != run_info.get(k))
+        raise HyperboothError(
+            f"--resume: the checkpoint in {folder} was made with different settings ({', '.join(changed)}); "
+            "use the same flags or a new --out"
+        )
+    tensors = load_file(str(folder / "trainable.safetensors"))
+    with torch.no_grad():
+        for key, param in trainable.items():
+            param.copy_(tensors[key])
+    _load_optimizer(optimizer, load_file(str(folder / "optimizer.safetensors")), state["optimizer"])
+    return int(state["step"])
+
+
+# -- the loop ------------------------------------------------------------------------------
+@dataclass
+class TrainResult:
+    """What a run produced and how long it took."""
+
+    output: Path
+    steps: int
+    seconds: float
+    losses: list[float] = field(default_factory=list)
+
+
+def train(
+    method: Method,
+    config: TrainConfig,
+    out_dir: str | Path,
+    accelerator: Accelerator,
+    resume: bool = False,
+    run_info: dict | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Optimise the method's trainable tensors for config.steps steps and save the result."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    trainable = method.trainable()
+    params = list(trainable.values())
+    lr = config.learning_rate if config.learning_rate is not None else method.default_learning_rate
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
+    scaler = torch.amp.GradScaler("cuda") if config.mixed_precision == "fp16" else None
+    # Settings a resumed run must share; steps and checkpoint cadence may change (to extend a run).
+    loop = {
+        k: v for k, v in asdict(config).items() if k not in ("steps", "checkpoint_every", "device")
+    }
+    run_info = {"method": method.name, "train": loop, **(run_info or {})}
+    run_info = json.loads(json.dumps(run_info))  # what JSON would give back, for comparison
+
+    start_step = load_checkpoint(out_dir, trainable, optimizer, run_info) if resume else 0
+    world, rank = accelerator.num_processes, accelerator.process_index
+    losses: list[float] = []
+    started = time.perf_counter()
+    bar = tqdm(
+        range(start_step, config.steps),
+        initial=start_step,
+        total=config.steps,
+        desc=f"train {method.name}",
+        disable=not (progress and accelerator.is_main_process),
+    )
+    for step in bar:
+        optimizer.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        for micro in range(config.gradient_accumulation):
+            batch = StepBatch(step_generator(config.seed, step, micro, rank), config.batch_size)
+            with accelerator.autocast():
+                loss = method.loss(batch) / config.gradient_accumulation
+            (scaler.scale(loss) if scaler else loss).backward()
+            step_loss += loss.item()
+        if world > 1:  # data parallel: average gradients across processes (what DDP does)
+            for p in params:
+                if p.grad is not None:
+                    dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
+        if scaler:
+            scaler.unscale_(optimizer)
+        if config.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        losses.append(step_loss)
+        bar.set_postfix(loss=f"{step_loss:.4f}")
+        done = step + 1
+        if config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps:
+            if accelerator.is_main_process:
+                save_checkpoint(out_dir, done, trainable, optimizer, run_info)
+            accelerator.wait_for_everyone()
+    seconds = time.perf_counter() - started
+    output = out_dir
+    if accelerator.is_main_process:
+        output = method.save(out_dir)
+        save_checkpoint(out_dir, config.steps, trainable, optimizer, run_info)
+    accelerator.wait_for_everyone()
+    return TrainResult(output=output, steps=config.steps, seconds=seconds, losses=losses)

@@ -1,0 +1,181 @@
+"""Property matrix for weight-space adapters on tiny-random, plus reference equivalences."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import outputs, randomize, unet_inputs
+from hyperbooth.adapters.config import AdapterConfig
+from hyperbooth.adapters.files import load_adapter, read_adapter, save_adapter
+from hyperbooth.adapters.inject import add_adapter, disable_adapters
+from hyperbooth.adapters.layers import orthogonal_rows
+from hyperbooth.errors import HyperboothError
+
+CONFIGS = {
+    "lora-r1": AdapterConfig(kind="lora", rank=1),
+    "lora-r4-alpha": AdapterConfig(kind="lora", rank=4, alpha=2.0),
+    "lidb": AdapterConfig(kind="lidb", rank=1, lidb_a=16, lidb_b=8, seed=3),
+    "lidb-r2": AdapterConfig(kind="lidb", rank=2, lidb_a=100, lidb_b=50, seed=7),
+}
+matrix = pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
+
+
+@matrix
+def test_save_load_round_trip_is_bit_exact(tiny_base, config, tmp_path):
+    import copy
+
+    fresh = copy.deepcopy(tiny_base)
+    adapter = add_adapter(tiny_base, config)
+    randomize(adapter)
+    save_adapter(adapter, tmp_path / "a.safetensors", base_name="tiny-random")
+    loaded = load_adapter(tmp_path / "a.safetensors", fresh)
+    for (k1, v1), (k2, v2) in zip(
+        adapter.state_dict().items(), loaded.state_dict().items(), strict=True
+    ):
+        assert k1 == k2 and torch.equal(v1, v2)
+    for a, b in zip(outputs(tiny_base), outputs(fresh), strict=True):
+        assert torch.equal(a, b)
+    assert read_adapter(tmp_path / "a.safetensors").config == config
+
+
+@matrix
+def test_merged_equals_unmerged(tiny_base, config):
+    adapter = add_adapter(tiny_base, config)
+    randomize(adapter)
+    before = outputs(tiny_base)
+    adapter.merge()
+    merged = outputs(tiny_base)
+    adapter.unmerge()
+    after = outputs(tiny_base)
+    for a, b, c in zip(before, merged, after, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-4)
+
+
+@matrix
+def test_disabled_adapter_gives_base_output(tiny_base, config):
+    base_out = outputs(tiny_base)
+    adapter = add_adapter(tiny_base, config)
+    randomize(adapter)
+    adapted = outputs(tiny_base)
+    assert not torch.allclose(adapted[0], base_out[0])
+    assert not torch.allclose(adapted[1], base_out[1])
+    with disable_adapters(tiny_base):
+        disabled = outputs(tiny_base)
+    for a, b in zip(base_out, disabled, strict=True):
+        assert torch.equal(a, b)
+
+
+@matrix
+def test_only_adapter_parameters_require_grad(tiny_base, config):
+    adapter = add_adapter(tiny_base, config)
+    own = {id(p) for p in adapter.parameters()}
+    for model in (tiny_base.unet, tiny_base.text_encoder, tiny_base.vae):
+        for name, p in model.named_parameters():
+            assert p.requires_grad == (id(p) in own), name
+    assert len(own) == 2 * len(adapter.layers)
+
+
+@matrix
+def test_per_sample_batch_equals_each_adapter_alone(tiny_base, config):
+    import copy
+
+    single = copy.deepcopy(tiny_base)
+    batched = add_adapter(tiny_base, config, n_samples=2)
+    randomize(batched, seed=1)
+    latents, timesteps, hidden = unet_inputs(tiny_base, batch=2)
+    with torch.no_grad():
+        together = tiny_base.unet(latents, timesteps, hidden).sample
+    alone = add_adapter(single, config)
+    for i in range(2):
+        alone.load_state_dict({k: v[i] for k, v in batched.state_dict().items()})
+        with torch.no_grad():
+            out = single.unet(latents[i : i + 1], timesteps[i : i + 1], hidden[i : i + 1]).sample
+        torch.testing.assert_close(together[i : i + 1], out, atol=1e-5, rtol=1e-4)
+
+
+def test_lidb_equals_the_lora_it_materialises_to(tiny_base):
+    import copy
+
+    other = copy.deepcopy(tiny_base)
+    lidb = add_adapter(tiny_base, CONFIGS["lidb"])
+    randomize(lidb)
+    lora = add_adapter(other, AdapterConfig(kind="lora", rank=1))
+    factors = lidb.materialize()
+    lora.load_state_dict(
+        {f"{k}.lora_{n}": t for k, (d, u) in factors.items() for n, t in (("down", d), ("up", u))}
+    )
+    for a, b in zip(outputs(tiny_base), outputs(other), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_lora_delta_equals_peft(tiny_base):
+    from peft import LoraConfig
+    from peft.tuners.lora import Linear as PeftLinear
+
+    config = AdapterConfig(kind="lora", rank=4, alpha=8.0)
+    adapter = add_adapter(tiny_base, config)
+    randomize(adapter, scale=0.3)
+    key, layer = next(iter(adapter.layers.items()))
+    down, up = layer.adapters["default"].factors()
+    peft_layer = PeftLinear(
+        torch.nn.Linear(layer.in_features, layer.out_features),
+        "x",
+        config=LoraConfig(r=4, lora_alpha=8),
+        r=4,
+        lora_alpha=8,
+    )
+    with torch.no_grad():
+        peft_layer.lora_A["x"].weight.copy_(down)
+        peft_layer.lora_B["x"].weight.copy_(up)
+    ours = layer.scales["default"] * layer.adapters["default"].delta_weight()
+    torch.testing.assert_close(ours, peft_layer.get_delta_weight("x"), atol=1e-7, rtol=1e-6)
+
+
+def test_aux_bases_are_orthogonal_and_reproducible_in_another_process():
+    rows = orthogonal_rows(100, 320, seed=123)
+    torch.testing.assert_close(rows @ rows.T, torch.eye(100), atol=1e-5, rtol=0)
+    code = (
+        "import torch,sys;from hyperbooth.adapters.layers import orthogonal_rows;"
+        "sys.stdout.write(orthogonal_rows(100, 320, seed=123).numpy().tobytes().hex())"
+    )
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert other.stdout == rows.numpy().tobytes().hex()
+
+
+def test_sd15_arch_counts_match_the_paper():
+    from hyperbooth.bases import load_base
+
+    base = load_base("sd15-arch", meta=True)
+    lidb = add_adapter(base, AdapterConfig(kind="lidb"), name="lidb")
+    assert (len(lidb.layers), lidb.num_parameters()) == (200, 30_000)
+
+
+def test_adapter_for_another_base_is_a_one_line_error(tiny_base, tmp_path):
+    from hyperbooth.bases import load_base
+
+    adapter = add_adapter(load_base("sd15-arch", meta=True), AdapterConfig(kind="lora"))
+    adapter_path = tmp_path / "sd15.safetensors"
+    with torch.device("cpu"):
+        tensors = {k: torch.zeros(v.shape) for k, v in adapter.state_dict().items()}
+    from hyperbooth.adapters.files import METADATA_KEY, atomic_save_safetensors
+
+    meta = {
+        "format": "hyperbooth.adapter/1",
+        "config": __import__("json").loads(adapter.config.to_json()),
+        "base_fingerprint": adapter.fingerprint,
+        "base_name": "sd15-arch",
+    }
+    atomic_save_safetensors(tensors, adapter_path, {METADATA_KEY: __import__("json").dumps(meta)})
+    with pytest.raises(HyperboothError) as err:
+        load_adapter(adapter_path, tiny_base)
+    assert "\n" not in str(err.value) and "sd15-arch" in str(err.value)
+
+
+def test_pattern_matching_nothing_is_a_one_line_error(tiny_base):
+    with pytest.raises(HyperboothError, match="matches no nn.Linear"):
+        add_adapter(tiny_base, AdapterConfig(unet_targets=(r".*nonexistent",)))
