@@ -179,3 +179,13 @@ def test_adapter_for_another_base_is_a_one_line_error(tiny_base, tmp_path):
 def test_pattern_matching_nothing_is_a_one_line_error(tiny_base):
     with pytest.raises(HyperboothError, match="matches no nn.Linear"):
         add_adapter(tiny_base, AdapterConfig(unet_targets=(r".*nonexistent",)))
+
+
+@matrix
+def test_file_materialises_without_the_base(tiny_base, config, tmp_path):
+    adapter = add_adapter(tiny_base, config)
+    randomize(adapter)
+    save_adapter(adapter, tmp_path / "a.safetensors")
+    standalone = read_adapter(tmp_path / "a.safetensors").materialize()
+    for key, (down, up) in adapter.materialize().items():
+        assert torch.equal(standalone[key][0], down) and torch.equal(standalone[key][1], up)

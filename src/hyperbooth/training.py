@@ -8,6 +8,7 @@ resumed run ends with exactly the weights of an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -92,7 +93,17 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
         )
     if config.mixed_precision == "fp16" and use_cpu:
         raise HyperboothError("fp16 mixed precision needs a GPU; on CPU use --mixed-precision bf16")
-    return Accelerator(mixed_precision=config.mixed_precision, cpu=use_cpu)
+    # Precision is not given to the Accelerator: its state is a process-wide singleton that
+    # refuses a second setting, and a library process may train several methods in turn.
+    return Accelerator(cpu=use_cpu)
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Autocast to bf16/fp16 on the device, or nothing for "no"."""
+    if precision == "no":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
 
 
 # -- checkpoints ---------------------------------------------------------------------------
@@ -227,7 +238,7 @@ def train(
         step_loss = 0.0
         for micro in range(config.gradient_accumulation):
             batch = StepBatch(step_generator(config.seed, step, micro, rank), config.batch_size)
-            with accelerator.autocast():
+            with autocast(accelerator.device, config.mixed_precision):
                 loss = method.loss(batch) / config.gradient_accumulation
             (scaler.scale(loss) if scaler else loss).backward()
             step_loss += loss.item()

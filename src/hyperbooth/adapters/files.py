@@ -14,7 +14,7 @@ from safetensors.torch import load_file, safe_open, save_file
 
 from hyperbooth.adapters.config import AdapterConfig
 from hyperbooth.adapters.inject import Adapter, add_adapter, base_fingerprint, target_layers
-from hyperbooth.adapters.layers import LiDBWeights
+from hyperbooth.adapters.layers import LiDBWeights, make_weights
 from hyperbooth.errors import HyperboothError
 
 FORMAT = "hyperbooth.adapter/1"
@@ -41,6 +41,28 @@ class AdapterFile:
     base_name: str = ""
     aux_checksum: float = 0.0
     info: dict | None = None
+    layer_shapes: dict[str, tuple[int, int]] | None = None  # key -> (out, in) of the base layer
+
+    def materialize(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Plain LoRA factors per layer, scale folded into up, without needing the base model."""
+        if not self.layer_shapes:
+            raise HyperboothError(
+                "this adapter file records no layer shapes; load it onto its base instead"
+            )
+        out = {}
+        for key, (out_features, in_features) in self.layer_shapes.items():
+            weights = make_weights(
+                self.config, key, torch.nn.Linear(in_features, out_features, device="meta")
+            )
+            weights.load_state_dict(
+                {name: self.tensors[f"{key}.{name}"] for name, _ in weights.named_parameters()},
+                strict=False,
+                assign=True,
+            )
+            with torch.no_grad():
+                down, up = weights.factors()
+            out[key] = (down, self.config.scale * up)
+        return out
 
 
 def atomic_save_safetensors(
@@ -76,6 +98,8 @@ def save_adapter(
         "base_name": base_name,
         "aux_checksum": aux_checksum(adapter),
         "info": info or {},
+        # (out, in) per layer, in key order: enough to rebuild LiDB bases without the base model.
+        "layer_shapes": [list(layer.weight.shape) for layer in adapter.layers.values()],
     }
     atomic_save_safetensors(adapter.state_dict(), path, {METADATA_KEY: json.dumps(meta)})
 
@@ -111,7 +135,20 @@ def read_adapter(path: str | Path) -> AdapterFile:
         base_name=meta.get("base_name", ""),
         aux_checksum=float(meta.get("aux_checksum", 0.0)),
         info=meta.get("info") or {},
+        layer_shapes=_layer_shapes(tensors, meta.get("layer_shapes")),
     )
+
+
+def _layer_shapes(tensors: dict[str, torch.Tensor], shapes: list | None) -> dict | None:
+    """Pair the stored (out, in) list with the layer keys (sorted, as saved)."""
+    if shapes is None:
+        return None
+    keys = sorted({key.rpartition(".")[0] for key in tensors})
+    if len(keys) != len(shapes):
+        raise HyperboothError(
+            f"adapter metadata lists {len(shapes)} layer shapes for {len(keys)} layers"
+        )
+    return {key: (int(o), int(i)) for key, (o, i) in zip(keys, shapes, strict=True)}
 
 
 def check_fits(file: AdapterFile, base: object, path: str | Path = "adapter") -> None:
@@ -145,3 +182,19 @@ def load_adapter(
         )
     adapter.set_scale(weight)
     return adapter
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a text file via a temp file + rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise HyperboothError(
+            f"cannot write {path}: {e.strerror or e} (free disk space or pick another --out)"
+        ) from e

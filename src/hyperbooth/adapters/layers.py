@@ -76,16 +76,23 @@ class LoRAWeights(AdapterWeights):
     """Plain LoRA: both factors train; up starts at zero so the adapter starts as a no-op."""
 
     def __init__(
-        self, in_features: int, out_features: int, rank: int, n_samples: int | None = None
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        seed: int,
+        n_samples: int | None = None,
     ):
         super().__init__()
         self.n_samples = n_samples
         lead = (n_samples,) if n_samples else ()
-        self.lora_down = nn.Parameter(torch.empty(*lead, rank, in_features))
-        self.lora_up = nn.Parameter(torch.zeros(*lead, out_features, rank))
-        # Same initialisation as peft's LoRA (kaiming-uniform A, zero B).
+        # peft's initialisation (kaiming-uniform down, zero up), drawn from the layer's own seed
+        # so that a run is reproducible whatever the global RNG state.
+        generator = torch.Generator().manual_seed(seed)
         bound = 1.0 / math.sqrt(in_features)
-        nn.init.uniform_(self.lora_down, -bound, bound)
+        down = (torch.rand(*lead, rank, in_features, generator=generator) * 2 - 1) * bound
+        self.lora_down = nn.Parameter(down)
+        self.lora_up = nn.Parameter(torch.zeros(*lead, out_features, rank))
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (down, up) directly."""
@@ -120,7 +127,10 @@ class LiDBWeights(AdapterWeights):
         )
         # Unit-norm aux rows: A_train ~ N(0, 1/a) gives down rows of norm ~1; B_train = 0 so the
         # adapter starts as a no-op.
-        self.lidb_a_train = nn.Parameter(torch.randn(*lead, rank, a) / math.sqrt(a))
+        generator = torch.Generator().manual_seed(seed + 2)
+        self.lidb_a_train = nn.Parameter(
+            torch.randn(*lead, rank, a, generator=generator) / math.sqrt(a)
+        )
         self.lidb_b_train = nn.Parameter(torch.zeros(*lead, b, rank))
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,7 +143,10 @@ class LiDBWeights(AdapterWeights):
 def make_weights(
     config: AdapterConfig, key: str, base: nn.Linear, n_samples: int | None = None
 ) -> AdapterWeights:
-    """Build the adapter weights of `config` for one base layer identified by `key`."""
+    """Build the adapter weights of `config` for one base layer identified by `key`.
+
+    Everything random (LiDB aux bases, initial values) derives from (config.seed, key).
+    """
     if config.kind == "lidb":
         return LiDBWeights(
             base.in_features,
@@ -144,7 +157,9 @@ def make_weights(
             layer_seed(config.seed, key),
             n_samples,
         )
-    return LoRAWeights(base.in_features, base.out_features, config.rank, n_samples)
+    return LoRAWeights(
+        base.in_features, base.out_features, config.rank, layer_seed(config.seed, key), n_samples
+    )
 
 
 class AdaptedLinear(nn.Module):

@@ -1,12 +1,111 @@
 """Personalisation methods: each a config + which parameters train + the loss for a batch."""
 
-from hyperbooth.methods.common import SubjectConfig, SubjectData, prepare_subject
+from __future__ import annotations
+
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from PIL import Image
+
+from hyperbooth.adapters.config import AdapterConfig
+from hyperbooth.adapters.inject import add_adapter, target_layers
+from hyperbooth.methods.common import SubjectConfig, SubjectData, SubjectMethod, prepare_subject
 from hyperbooth.methods.dreambooth import DreamBooth, DreamBoothConfig
-from hyperbooth.methods.lora import AdapterDreamBooth, AdapterMethodConfig
+from hyperbooth.methods.lora import ADAPTER_FILE, AdapterDreamBooth, AdapterMethodConfig
+from hyperbooth.training import TrainConfig, TrainResult, make_accelerator, train
 
 METHODS = ("dreambooth", "lora", "lidb")
 
+
+def make_method(
+    name: str,
+    base: object,
+    subject: SubjectConfig,
+    data: SubjectData,
+    adapter: AdapterConfig | None = None,
+    train_text_encoder: bool | None = None,
+) -> SubjectMethod:
+    """Build a method by name; adapter/text-encoder settings apply to the methods that use them."""
+    if name == "dreambooth":
+        return DreamBooth(base, subject, data, DreamBoothConfig(bool(train_text_encoder)))
+    if name in ("lora", "lidb"):
+        adapter = replace(adapter or AdapterConfig(), kind=name)
+        te = True if train_text_encoder is None else train_text_encoder
+        return AdapterDreamBooth(base, subject, data, AdapterMethodConfig(adapter, te))
+    raise ValueError(f"unknown method {name!r}; choose from {METHODS}")
+
+
+def personalise(
+    base: object,
+    images: list[Image.Image],
+    out_dir: str | Path,
+    method: str = "lidb",
+    subject: SubjectConfig | None = None,
+    adapter: AdapterConfig | None = None,
+    train_config: TrainConfig | None = None,
+    train_text_encoder: bool | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> TrainResult:
+    """Fit one subject with one method and save the result into out_dir."""
+    subject = subject or SubjectConfig()
+    train_config = train_config or TrainConfig()
+    out_dir = Path(out_dir)
+    accelerator = make_accelerator(train_config)
+    base.to(accelerator.device)
+    data = prepare_subject(base, subject, images, accelerator.device, out_dir, progress)
+    runner = make_method(method, base, subject, data, adapter, train_text_encoder)
+    run_info = {"subject": asdict(subject), "method_config": _jsonable(runner)}
+    return train(runner, train_config, out_dir, accelerator, resume, run_info, progress)
+
+
+def _jsonable(runner: SubjectMethod) -> dict:
+    """The method's own config as plain data (for checkpoint compatibility checks)."""
+    config = runner.config
+    if isinstance(config, AdapterMethodConfig):
+        return {"adapter": asdict(config.adapter), "train_text_encoder": config.train_text_encoder}
+    return asdict(config)
+
+
+def trainable_report(
+    base: object,
+    method: str,
+    adapter: AdapterConfig | None = None,
+    train_text_encoder: bool | None = None,
+) -> dict:
+    """Layer count, trainable numbers and stored bytes of a method on a base (meta bases work)."""
+    if method == "dreambooth":
+        models = [base.unet] + ([base.text_encoder] if train_text_encoder else [])
+        n = sum(p.numel() for m in models for p in m.parameters())
+        layers = sum(1 for m in models for mod in m.modules() if not list(mod.children()))
+        return {"method": method, "layers": layers, "trainable_parameters": n, **_bytes(n)}
+    config = replace(adapter or AdapterConfig(), kind=method)
+    if train_text_encoder is False:
+        config = replace(config, text_encoder_targets=())
+    handle = add_adapter(base, config, name=f"report_{method}")
+    n = handle.num_parameters()
+    by_component: dict[str, int] = {}
+    for key in target_layers(base, config):
+        component = key.partition(".")[0]
+        by_component[component] = by_component.get(component, 0) + 1
+    handle.remove()
+    return {
+        "method": method,
+        "layers": len(handle.layers),
+        "layers_by_component": by_component,
+        "trainable_parameters": n,
+        **_bytes(n),
+        "adapter": asdict(config),
+    }
+
+
+def _bytes(n: int) -> dict[str, int]:
+    """Storage of n numbers in float32 and float16."""
+    return {"bytes_float32": 4 * n, "bytes_float16": 2 * n}
+
+
 __all__ = [
+    "ADAPTER_FILE",
     "METHODS",
     "AdapterDreamBooth",
     "AdapterMethodConfig",
@@ -14,5 +113,8 @@ __all__ = [
     "DreamBoothConfig",
     "SubjectConfig",
     "SubjectData",
+    "make_method",
+    "personalise",
     "prepare_subject",
+    "trainable_report",
 ]

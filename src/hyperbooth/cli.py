@@ -1,0 +1,394 @@
+"""The `hyperbooth` command: parse flags into configs and call the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from hyperbooth.errors import HyperboothError
+
+DESCRIPTION = """\
+Personalise Stable Diffusion-family models from a few photos of a subject.
+
+verbs:
+  info      count the layers, trainable numbers and bytes a method adds to a base
+  train     fit a subject with dreambooth, lora or lidb and save the result
+  generate  draw prompts with a base and any adapters into a PNG grid (+ JSON)
+  export    convert a hyperbooth adapter to diffusers' or kohya's LoRA format
+  demo      personalise a built-in model end to end and write a picture
+
+A base (--base) is a diffusers folder, a Hugging Face hub id already in the local cache,
+or a built-in: tiny-random (tests), sd15-arch (SD1.5 shapes, random weights).
+Run `hyperbooth VERB --help` for each verb's flags."""
+
+
+def _adapter_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by every verb that builds an adapter."""
+    from hyperbooth.adapters.config import DEFAULT_TEXT_ENCODER_TARGETS, DEFAULT_UNET_TARGETS
+
+    g = parser.add_argument_group("adapter (lora, lidb)")
+    g.add_argument("--rank", type=int, default=1, help="rank r of the LoRA / LiDB (default 1)")
+    g.add_argument(
+        "--alpha",
+        type=float,
+        default=None,
+        help="LoRA alpha; scale = alpha/rank (default: alpha = rank)",
+    )
+    g.add_argument("--lidb-a", type=int, default=100, help="LiDB down-aux size a (default 100)")
+    g.add_argument("--lidb-b", type=int, default=50, help="LiDB up-aux size b (default 50)")
+    g.add_argument(
+        "--lidb-seed",
+        type=int,
+        default=0,
+        help="seed of the frozen LiDB aux bases (stored in the file)",
+    )
+    g.add_argument(
+        "--unet-targets",
+        nargs="+",
+        default=list(DEFAULT_UNET_TARGETS),
+        metavar="REGEX",
+        help="UNet module paths to adapt (re.fullmatch; default: attn1/attn2 to_q/k/v/out.0)",
+    )
+    g.add_argument(
+        "--text-encoder-targets",
+        nargs="*",
+        default=list(DEFAULT_TEXT_ENCODER_TARGETS),
+        metavar="REGEX",
+        help="text-encoder module paths to adapt (default: q/k/v/out_proj, fc1, fc2)",
+    )
+    g.add_argument("--no-text-encoder", action="store_true", help="adapt the UNet only")
+
+
+def _adapter_config(args: argparse.Namespace, kind: str):
+    """Build an AdapterConfig from the adapter flags."""
+    from hyperbooth.adapters.config import AdapterConfig
+
+    try:
+        return AdapterConfig(
+            kind=kind if kind in ("lora", "lidb") else "lora",
+            rank=args.rank,
+            alpha=args.alpha,
+            lidb_a=args.lidb_a,
+            lidb_b=args.lidb_b,
+            seed=args.lidb_seed,
+            unet_targets=tuple(args.unet_targets),
+            text_encoder_targets=() if args.no_text_encoder else tuple(args.text_encoder_targets),
+        )
+    except ValueError as e:
+        raise HyperboothError(str(e)) from e
+
+
+def _base_flags(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    """--base, --device and --dtype."""
+    parser.add_argument(
+        "--base",
+        required=required,
+        default=None if required else "tiny-random",
+        help="diffusers folder, cached hub id, or tiny-random / sd15-arch",
+    )
+    parser.add_argument(
+        "--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1 ..."
+    )
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    """Print what a method adds to a base."""
+    from hyperbooth.bases import load_base
+    from hyperbooth.methods import trainable_report
+
+    base = load_base(args.base, meta=True)
+    report = trainable_report(
+        base,
+        args.method,
+        _adapter_config(args, args.method),
+        train_text_encoder=args.train_text_encoder
+        if args.method == "dreambooth"
+        else not args.no_text_encoder,
+    )
+    report = {"base": args.base, **report}
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return
+    print(f"base {args.base}, method {args.method}")
+    print(f"  adapted layers       {report['layers']:,}")
+    for component, n in report.get("layers_by_component", {}).items():
+        print(f"    {component:<18} {n:,}")
+    print(f"  trainable parameters {report['trainable_parameters']:,}")
+    print(f"  bytes (float32)      {report['bytes_float32']:,}")
+    print(f"  bytes (float16)      {report['bytes_float16']:,}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    """Fit one subject and save the result."""
+    from hyperbooth.bases import load_base
+    from hyperbooth.images import load_images
+    from hyperbooth.methods import SubjectConfig, personalise
+    from hyperbooth.training import TrainConfig
+
+    subject = SubjectConfig(
+        token=args.token,
+        class_name=args.class_name,
+        instance_prompt=args.prompt,
+        prior_preservation=args.prior_preservation,
+        prior_weight=args.prior_weight,
+        num_class_images=args.num_class_images,
+        class_prompt=args.class_prompt,
+        class_images_dir=args.class_images,
+    )
+    train_config = TrainConfig(
+        steps=args.steps,
+        learning_rate=args.lr,
+        batch_size=args.batch_size,
+        gradient_accumulation=args.gradient_accumulation,
+        seed=args.seed,
+        mixed_precision=args.mixed_precision,
+        checkpoint_every=args.checkpoint_every,
+        max_grad_norm=args.max_grad_norm,
+        device=args.device,
+    )
+    started = time.perf_counter()
+    base = load_base(args.base)
+    images = load_images(args.images, base.resolution)
+    loaded = time.perf_counter()
+    te = args.train_text_encoder if args.method == "dreambooth" else not args.no_text_encoder
+    result = personalise(
+        base,
+        images,
+        args.out,
+        args.method,
+        subject,
+        _adapter_config(args, args.method),
+        train_config,
+        train_text_encoder=te,
+        resume=args.resume,
+    )
+    summary = {
+        "output": str(result.output),
+        "method": args.method,
+        "prompt": subject.prompt,
+        "steps": result.steps,
+        "seconds": {"load": round(loaded - started, 2), "train": round(result.seconds, 2)},
+        "final_loss": result.losses[-1] if result.losses else None,
+        "bytes": _size(result.output),
+    }
+    print(json.dumps(summary, indent=2) if args.json else _lines(summary))
+
+
+def _size(path: Path) -> int:
+    """Bytes of a file, or of every file under a folder."""
+    path = Path(path)
+    return (
+        path.stat().st_size
+        if path.is_file()
+        else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    )
+
+
+def _lines(summary: dict) -> str:
+    """A dict as aligned 'key value' lines."""
+    return "\n".join(f"{k:<11} {v}" for k, v in summary.items())
+
+
+def _parse_adapter_arg(text: str) -> tuple[str, float]:
+    """'file.safetensors[:weight]' -> (path, weight)."""
+    path, sep, weight = text.rpartition(":")
+    if sep and path and not os.path.exists(text):
+        try:
+            return path, float(weight)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    """Draw prompts into a grid PNG plus a JSON of what produced it."""
+    import torch
+
+    from hyperbooth.adapters.files import load_adapter
+    from hyperbooth.bases import load_base
+    from hyperbooth.generate import generate_images, image_grid
+    from hyperbooth.images import save_png
+    from hyperbooth.training import TrainConfig, make_accelerator
+
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise HyperboothError(f"--out must be a .png file, got {out}")
+    device = make_accelerator(TrainConfig(device=args.device)).device
+    base = load_base(args.base).to(device, torch.float16 if device.type == "cuda" else None)
+    adapters = []
+    for spec in args.adapter:
+        path, weight = _parse_adapter_arg(spec)
+        load_adapter(path, base, name=f"adapter{len(adapters)}", weight=weight)
+        adapters.append({"path": str(path), "weight": weight})
+    started = time.perf_counter()
+    rows = generate_images(
+        base, args.prompt, n=args.n, seed=args.seed, steps=args.steps, guidance=args.guidance
+    )
+    seconds = time.perf_counter() - started
+    save_png(image_grid(rows, labels=args.prompt), out)
+    record = {
+        "base": args.base,
+        "adapters": adapters,
+        "prompts": args.prompt,
+        "n": args.n,
+        "seed": args.seed,
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "device": str(device),
+        "seconds": round(seconds, 2),
+        "grid": str(out),
+    }
+    from hyperbooth.adapters.files import atomic_write_text
+
+    atomic_write_text(out.with_suffix(".json"), json.dumps(record, indent=2))
+    print(f"wrote {out} ({len(args.prompt)} prompts x {args.n}) in {seconds:.1f} s")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    """Convert an adapter to diffusers' or kohya's LoRA format."""
+    from hyperbooth.adapters.export import export_adapter
+
+    path = export_adapter(args.adapter, args.format, args.out)
+    print(f"wrote {path}")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    """Personalise a built-in model end to end."""
+    from hyperbooth.demo import run_demo
+
+    run_demo(Path(args.out), steps=args.steps)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for every verb."""
+    from hyperbooth.methods import METHODS
+    from hyperbooth.training import PRECISIONS
+
+    parser = argparse.ArgumentParser(
+        prog="hyperbooth",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    p = verbs.add_parser(
+        "info", help="count what a method adds to a base", description=cmd_info.__doc__
+    )
+    _base_flags(p)
+    p.add_argument("--method", choices=METHODS, default="lidb")
+    p.add_argument(
+        "--train-text-encoder", action="store_true", help="dreambooth: count the text encoder too"
+    )
+    p.add_argument("--json", action="store_true", help="print JSON")
+    _adapter_flags(p)
+    p.set_defaults(func=cmd_info)
+
+    p = verbs.add_parser("train", help="fit a subject", description=cmd_train.__doc__)
+    p.add_argument("--method", choices=METHODS, required=True)
+    _base_flags(p)
+    p.add_argument(
+        "--images", nargs="+", required=True, help="a folder of photos, or photo files (1-5)"
+    )
+    p.add_argument(
+        "--out", required=True, help="output folder (adapter.safetensors or model/ + checkpoint/)"
+    )
+    p.add_argument("--token", default="sks", help="rare word that names the subject (default sks)")
+    p.add_argument(
+        "--class", dest="class_name", default="face", help="subject class (default face)"
+    )
+    p.add_argument("--prompt", default=None, help="instance prompt; default 'a {token} {class}'")
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="learning rate (default: dreambooth 5e-6, lora 1e-4, lidb 1e-3)",
+    )
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--gradient-accumulation", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--mixed-precision",
+        choices=PRECISIONS,
+        default="no",
+        help="bf16 helps on CPUs with AMX and on GPUs",
+    )
+    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument(
+        "--checkpoint-every", type=int, default=0, help="write <out>/checkpoint every N steps"
+    )
+    p.add_argument("--resume", action="store_true", help="continue exactly from <out>/checkpoint")
+    p.add_argument(
+        "--prior-preservation", action="store_true", help="add the class-prior loss (DreamBooth)"
+    )
+    p.add_argument("--prior-weight", type=float, default=1.0)
+    p.add_argument("--num-class-images", type=int, default=100)
+    p.add_argument("--class-prompt", default=None, help="default 'a {class}'")
+    p.add_argument(
+        "--class-images", default=None, help="folder of class images, reused and topped up"
+    )
+    p.add_argument(
+        "--train-text-encoder",
+        action="store_true",
+        help="dreambooth: fine-tune the text encoder too",
+    )
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    _adapter_flags(p)
+    p.set_defaults(func=cmd_train)
+
+    p = verbs.add_parser(
+        "generate", help="draw prompts into a PNG grid", description=cmd_generate.__doc__
+    )
+    _base_flags(p)
+    p.add_argument(
+        "--adapter", action="append", default=[], metavar="FILE[:WEIGHT]", help="repeatable"
+    )
+    p.add_argument("--prompt", action="append", required=True, help="repeatable; one grid row each")
+    p.add_argument("--n", type=int, default=4, help="images per prompt")
+    p.add_argument("--seed", type=int, default=0, help="image j of each prompt uses seed + j")
+    p.add_argument("--steps", type=int, default=25, help="sampler steps (DPM-Solver++)")
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument(
+        "--out", required=True, help="grid .png (a .json with the settings is written beside it)"
+    )
+    p.set_defaults(func=cmd_generate)
+
+    p = verbs.add_parser(
+        "export", help="convert an adapter for other tools", description=cmd_export.__doc__
+    )
+    p.add_argument("--adapter", required=True, help="a hyperbooth adapter .safetensors")
+    p.add_argument("--format", choices=("diffusers", "kohya"), required=True)
+    p.add_argument(
+        "--out", required=True, help="diffusers: folder or .safetensors; kohya: .safetensors"
+    )
+    p.set_defaults(func=cmd_export)
+
+    p = verbs.add_parser(
+        "demo", help="end-to-end run on a built-in model", description=cmd_demo.__doc__
+    )
+    p.add_argument("--out", default="demo-output")
+    p.add_argument("--steps", type=int, default=60)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: one-line errors and a non-zero exit for bad input, never a traceback."""
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except HyperboothError as e:
+        print(f"hyperbooth: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("hyperbooth: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

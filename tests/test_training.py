@@ -1,0 +1,167 @@
+"""The training loop: exact resume, precision, prior preservation, accelerate-free determinism."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from PIL import Image
+
+from hyperbooth.adapters.config import AdapterConfig
+from hyperbooth.methods import SubjectConfig, personalise
+from hyperbooth.training import TrainConfig
+
+SMALL_LIDB = AdapterConfig(kind="lidb", lidb_a=16, lidb_b=8)
+
+
+def _images(n: int = 2) -> list[Image.Image]:
+    """Distinct flat-colour 32 px images (tiny-random's resolution)."""
+    return [Image.new("RGB", (32, 32), (40 * i, 200 - 30 * i, 90)) for i in range(n)]
+
+
+def _final_weights(out_dir) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(out_dir / "checkpoint" / "trainable.safetensors"))
+
+
+@pytest.mark.parametrize("method", ["lora", "lidb", "dreambooth"])
+def test_resume_equals_uninterrupted(tiny_base, method, tmp_path):
+    config = dict(batch_size=2, gradient_accumulation=2, seed=5, device="cpu", learning_rate=1e-3)
+    adapter = SMALL_LIDB if method == "lidb" else AdapterConfig(kind="lora", rank=2)
+    images = _images()
+
+    straight = tmp_path / "straight"
+    personalise(
+        copy.deepcopy(tiny_base),
+        images,
+        straight,
+        method,
+        adapter=adapter,
+        train_config=TrainConfig(steps=4, **config),
+        progress=False,
+    )
+    split = tmp_path / "split"
+    personalise(
+        copy.deepcopy(tiny_base),
+        images,
+        split,
+        method,
+        adapter=adapter,
+        train_config=TrainConfig(steps=2, **config),
+        progress=False,
+    )
+    personalise(
+        copy.deepcopy(tiny_base),
+        images,
+        split,
+        method,
+        adapter=adapter,
+        train_config=TrainConfig(steps=4, **config),
+        resume=True,
+        progress=False,
+    )
+
+    a, b = _final_weights(straight), _final_weights(split)
+    assert a.keys() == b.keys()
+    changed = 0
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    fresh = dict(tiny_base.unet.named_parameters())
+    if method == "dreambooth":
+        changed = sum(not torch.equal(a[f"unet.{k}"], p) for k, p in fresh.items())
+        assert changed > 0
+
+
+def test_resume_with_other_settings_is_refused(tiny_base, tmp_path):
+    from hyperbooth.errors import HyperboothError
+
+    images = _images(1)
+    personalise(
+        copy.deepcopy(tiny_base),
+        images,
+        tmp_path,
+        "lidb",
+        adapter=SMALL_LIDB,
+        train_config=TrainConfig(steps=1, device="cpu"),
+        progress=False,
+    )
+    with pytest.raises(HyperboothError, match="different settings"):
+        personalise(
+            copy.deepcopy(tiny_base),
+            images,
+            tmp_path,
+            "lidb",
+            adapter=SMALL_LIDB,
+            train_config=TrainConfig(steps=2, seed=9, device="cpu"),
+            resume=True,
+            progress=False,
+        )
+
+
+def test_training_reduces_loss_and_trains_only_the_adapter(tiny_base, tmp_path):
+    models = (tiny_base.unet, tiny_base.text_encoder, tiny_base.vae)
+    before = {id(p): p.detach().clone() for m in models for p in m.parameters()}
+    result = personalise(
+        tiny_base,
+        _images(1),
+        tmp_path,
+        "lora",
+        adapter=AdapterConfig(rank=4),
+        train_config=TrainConfig(steps=30, learning_rate=3e-3, device="cpu"),
+        progress=False,
+    )
+    first, last = sum(result.losses[:5]) / 5, sum(result.losses[-5:]) / 5
+    assert last < first
+    for m in models:
+        for name, p in m.named_parameters():
+            if ".adapters." not in name:
+                assert torch.equal(before[id(p)], p), name
+
+
+def test_bf16_autocast_keeps_trainable_tensors_float32(tiny_base, tmp_path):
+    result = personalise(
+        tiny_base,
+        _images(1),
+        tmp_path,
+        "lidb",
+        adapter=SMALL_LIDB,
+        train_config=TrainConfig(steps=2, mixed_precision="bf16", device="cpu"),
+        progress=False,
+    )
+    weights = _final_weights(tmp_path)
+    assert all(v.dtype == torch.float32 for v in weights.values())
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+
+
+def test_prior_preservation_generates_and_reuses_class_images(tiny_base, tmp_path):
+    subject = SubjectConfig(prior_preservation=True, num_class_images=2)
+    personalise(
+        copy.deepcopy(tiny_base),
+        _images(1),
+        tmp_path,
+        "lidb",
+        subject=subject,
+        adapter=SMALL_LIDB,
+        train_config=TrainConfig(steps=1, device="cpu"),
+        progress=False,
+    )
+    files = sorted((tmp_path / "class_images").glob("*.png"))
+    assert len(files) == 2
+    stamps = [f.stat().st_mtime_ns for f in files]
+    personalise(
+        copy.deepcopy(tiny_base),
+        _images(1),
+        tmp_path / "again",
+        "lidb",
+        subject=SubjectConfig(
+            prior_preservation=True,
+            num_class_images=2,
+            class_images_dir=str(tmp_path / "class_images"),
+        ),
+        adapter=SMALL_LIDB,
+        train_config=TrainConfig(steps=1, device="cpu"),
+        progress=False,
+    )
+    assert [f.stat().st_mtime_ns for f in files] == stamps
