@@ -196,6 +196,7 @@ class TrainResult:
     steps: int
     seconds: float
     losses: list[float] = field(default_factory=list)
+    step_seconds: list[float] = field(default_factory=list)  # wall time of each optimizer step
 
 
 def train(
@@ -233,7 +234,9 @@ def train(
         desc=f"train {method.name}",
         disable=not (progress and accelerator.is_main_process),
     )
+    step_seconds: list[float] = []
     for step in bar:
+        step_started = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
         for micro in range(config.gradient_accumulation):
@@ -256,6 +259,7 @@ def train(
         else:
             optimizer.step()
         losses.append(step_loss)
+        step_seconds.append(time.perf_counter() - step_started)
         bar.set_postfix(loss=f"{step_loss:.4f}")
         done = step + 1
         if config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps:
@@ -268,4 +272,4 @@ def train(
         output = method.save(out_dir)
         save_checkpoint(out_dir, config.steps, trainable, optimizer, run_info)
     accelerator.wait_for_everyone()
-    return TrainResult(output=output, steps=config.steps, seconds=seconds, losses=losses)
+    return TrainResult(output, config.steps, seconds, losses, step_seconds)

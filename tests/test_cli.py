@@ -1,0 +1,189 @@
+"""The command line: every verb end to end on tiny-random, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import errno
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from hyperbooth.cli import main
+
+
+@pytest.fixture
+def photo_dir(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.new("RGB", (48, 40), (200, 120, 90)).save(folder / "me.png")
+    return folder
+
+
+def _error(capsys, argv) -> str:
+    """Run the CLI expecting a user error; return its single stderr line."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("hyperbooth: error: ") and "\n" not in err, err
+    return err
+
+
+def test_help_lists_every_verb(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for verb in ("info", "train", "generate", "export", "demo"):
+        assert f"  {verb}" in out
+
+
+@pytest.mark.parametrize(
+    "method, extra, expected",
+    [
+        ("lidb", [], (200, 30_000, 120_000)),
+        ("lora", ["--rank", "1"], (200, 365_184, 1_460_736)),
+    ],
+)
+def test_info_counts_sd15(capsys, method, extra, expected):
+    assert main(["info", "--base", "sd15-arch", "--method", method, "--json", *extra]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["layers"], report["trainable_parameters"], report["bytes_float32"]) == expected
+
+
+def test_train_generate_round_trip(tmp_path, photo_dir, capsys):
+    out = tmp_path / "run"
+    argv = ["train", "--method", "lidb", "--base", "tiny-random", "--images", str(photo_dir)]
+    argv += ["--steps", "3", "--out", str(out), "--lidb-a", "16", "--lidb-b", "8", "--json"]
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    adapter = out / "adapter.safetensors"
+    assert summary["output"] == str(adapter) and adapter.is_file()
+
+    grids = []
+    for name in ("a", "b"):
+        grid = tmp_path / f"{name}.png"
+        argv = ["generate", "--base", "tiny-random", "--adapter", f"{adapter}:0.5"]
+        argv += ["--prompt", "a sks face", "--prompt", "a sks face in a hat", "--n", "2"]
+        argv += ["--steps", "3", "--seed", "7", "--out", str(grid)]
+        assert main(argv) == 0
+        grids.append(np.asarray(Image.open(grid)))
+        record = json.loads(grid.with_suffix(".json").read_text())
+        assert record["adapters"] == [{"path": str(adapter), "weight": 0.5}]
+    assert np.array_equal(grids[0], grids[1])
+
+
+def test_bad_inputs_are_one_line_errors(tmp_path, photo_dir, capsys):
+    train = ["train", "--method", "lora", "--base", "tiny-random", "--steps", "1"]
+    missing = tmp_path / "nope.png"
+    assert "nope.png" in _error(
+        capsys, [*train, "--images", str(missing), "--out", str(tmp_path / "o")]
+    )
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "empty" in _error(capsys, [*train, "--images", str(empty), "--out", str(tmp_path / "o")])
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    assert "notes.txt" in _error(
+        capsys, [*train, "--images", str(text), "--out", str(tmp_path / "o")]
+    )
+    ok = ["--images", str(photo_dir), "--out", str(tmp_path / "o")]
+    assert "token" in _error(capsys, [*train, *ok, "--prompt", "a photo of a face"])
+    assert "matches no" in _error(capsys, [*train, *ok, "--unet-targets", r".*nothing"])
+    assert "tiny-random" in _error(
+        capsys,
+        [*train, "--images", str(photo_dir), "--out", "o"][:3]
+        + [
+            "--method",
+            "lora",
+            "--base",
+            str(tmp_path / "no-such-base"),
+            "--images",
+            str(photo_dir),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+    )
+    assert ".png" in _error(
+        capsys,
+        ["generate", "--base", "tiny-random", "--prompt", "x", "--out", str(tmp_path / "g.jpg")],
+    )
+    assert "not found" in _error(
+        capsys,
+        [
+            "generate",
+            "--base",
+            "tiny-random",
+            "--adapter",
+            str(tmp_path / "x.safetensors"),
+            "--prompt",
+            "x",
+            "--out",
+            str(tmp_path / "g.png"),
+        ],
+    )
+    assert not (tmp_path / "o" / "adapter.safetensors").exists()
+
+
+def test_adapter_for_another_base_is_refused(tmp_path, photo_dir, capsys):
+    out = tmp_path / "run"
+    argv = ["train", "--method", "lora", "--base", "tiny-random", "--images", str(photo_dir)]
+    assert main([*argv, "--steps", "1", "--out", str(out), "--no-text-encoder"]) == 0
+    capsys.readouterr()
+    grid = str(tmp_path / "g.png")
+    message = _error(
+        capsys,
+        [
+            "generate",
+            "--base",
+            "sd15-arch",
+            "--adapter",
+            str(out / "adapter.safetensors"),
+            "--prompt",
+            "x",
+            "--out",
+            grid,
+        ],
+    )
+    assert "another base" in message
+
+
+def test_full_disk_leaves_no_partial_file(tmp_path, monkeypatch):
+    import torch
+
+    from hyperbooth.adapters import files
+    from hyperbooth.errors import HyperboothError
+
+    def no_space(*args, **kwargs):
+        with open(args[1], "wb") as f:
+            f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files, "save_file", no_space)
+    with pytest.raises(HyperboothError, match="No space left"):
+        files.atomic_save_safetensors({"x": torch.zeros(3)}, tmp_path / "a.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_entry_point_exits_non_zero_without_traceback(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hyperbooth.cli",
+            "train",
+            "--method",
+            "lidb",
+            "--base",
+            "tiny-random",
+            "--images",
+            str(tmp_path / "missing.jpg"),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("hyperbooth: error: image not found")
