@@ -72,6 +72,16 @@ def test_train_generate_round_trip(tmp_path, photo_dir, capsys):
         assert record["adapters"] == [{"path": str(adapter), "weight": 0.5}]
     assert np.array_equal(grids[0], grids[1])
 
+    for fmt, target in (
+        ("diffusers", tmp_path / "exported"),
+        ("kohya", tmp_path / "k.safetensors"),
+    ):
+        assert (
+            main(["export", "--adapter", str(adapter), "--format", fmt, "--out", str(target)]) == 0
+        )
+    assert (tmp_path / "exported" / "pytorch_lora_weights.safetensors").is_file()
+    assert (tmp_path / "k.safetensors").is_file()
+
 
 def test_bad_inputs_are_one_line_errors(tmp_path, photo_dir, capsys):
     train = ["train", "--method", "lora", "--base", "tiny-random", "--steps", "1"]

@@ -252,7 +252,12 @@ def cmd_export(args: argparse.Namespace) -> None:
     """Convert an adapter to diffusers' or kohya's LoRA format."""
     from hyperbooth.adapters.export import export_adapter
 
-    path = export_adapter(args.adapter, args.format, args.out)
+    base = None
+    if args.base:
+        from hyperbooth.bases import load_base
+
+        base = load_base(args.base)
+    path = export_adapter(args.adapter, args.format, args.out, base)
     print(f"wrote {path}")
 
 
@@ -265,6 +270,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every verb."""
+    from hyperbooth.adapters.export import EXPORT_FORMATS
     from hyperbooth.methods import METHODS
     from hyperbooth.training import PRECISIONS
 
@@ -361,10 +367,11 @@ def build_parser() -> argparse.ArgumentParser:
         "export", help="convert an adapter for other tools", description=cmd_export.__doc__
     )
     p.add_argument("--adapter", required=True, help="a hyperbooth adapter .safetensors")
-    p.add_argument("--format", choices=("diffusers", "kohya"), required=True)
+    p.add_argument("--format", choices=EXPORT_FORMATS, required=True)
     p.add_argument(
         "--out", required=True, help="diffusers: folder or .safetensors; kohya: .safetensors"
     )
+    p.add_argument("--base", default=None, help="optional: first check that the adapter fits this base")
     p.set_defaults(func=cmd_export)
 
     p = verbs.add_parser(

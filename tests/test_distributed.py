@@ -1,0 +1,94 @@
+"""Data-parallel training with 2 CPU processes (gloo), as `accelerate launch` runs it."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import torch
+import torch.multiprocessing as mp
+from PIL import Image
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str, results) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE=str(world),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+    )
+    torch.set_num_threads(1)
+    from hyperbooth.adapters.config import AdapterConfig
+    from hyperbooth.bases import load_base
+    from hyperbooth.methods import SubjectConfig, make_method, prepare_subject
+    from hyperbooth.training import TrainConfig, make_accelerator, train
+
+    config = TrainConfig(steps=3, device="cpu", learning_rate=1e-2)
+    accelerator = make_accelerator(config)
+    base = load_base("tiny-random")
+    subject = SubjectConfig()
+    image = Image.new("RGB", (32, 32), (150, 80, 40))
+    data = prepare_subject(base, subject, [image], accelerator.device, out_dir, progress=False)
+    method = make_method("lidb", base, subject, data, AdapterConfig(lidb_a=16, lidb_b=8))
+    result = train(method, config, out_dir, accelerator, progress=False)
+    # numpy arrays travel by value (torch tensors would go through shared memory).
+    weights = {k: v.detach().numpy().copy() for k, v in method.trainable().items()}
+    results.put((rank, accelerator.num_processes, result.losses, weights))
+
+
+def test_two_processes_keep_identical_weights(tmp_path):
+    ctx = mp.get_context("spawn")
+    results = ctx.SimpleQueue()
+    port = _free_port()
+    procs = [
+        ctx.Process(target=_worker, args=(r, 2, port, str(tmp_path), results)) for r in range(2)
+    ]
+    for p in procs:
+        p.start()
+    got = dict((r, (n, losses, w)) for r, n, losses, w in (results.get() for _ in procs))
+    for p in procs:
+        p.join(timeout=120)
+        assert p.exitcode == 0
+    (n0, loss0, w0), (n1, loss1, w1) = got[0], got[1]
+    assert n0 == n1 == 2
+    assert loss0 != loss1  # each rank saw its own noise and timesteps
+    for key in w0:  # ...but averaged gradients keep the replicas identical
+        assert (w0[key] == w1[key]).all(), key
+    assert (tmp_path / "adapter.safetensors").is_file()
+
+
+def test_accelerate_launch_runs_the_cli_unchanged(tmp_path):
+    Image.new("RGB", (32, 32), (10, 200, 30)).save(tmp_path / "me.png")
+    launcher = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    cmd = [launcher, "launch", "--num_processes", "2", "--cpu", "--num_machines", "1"]
+    cmd += [
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+    ]
+    cmd += ["-m", "hyperbooth.cli", "train", "--method", "lora", "--base", "tiny-random"]
+    cmd += [
+        "--images",
+        str(tmp_path / "me.png"),
+        "--steps",
+        "2",
+        "--out",
+        str(tmp_path / "run"),
+        "--json",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "run" / "adapter.safetensors").is_file()
