@@ -197,3 +197,18 @@ def test_entry_point_exits_non_zero_without_traceback(tmp_path):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("hyperbooth: error: image not found")
+
+
+def test_dreambooth_saves_a_diffusers_folder_that_generates(tmp_path, photo_dir, capsys):
+    from diffusers import StableDiffusionPipeline
+
+    out = tmp_path / "db"
+    argv = ["train", "--method", "dreambooth", "--base", "tiny-random", "--images", str(photo_dir)]
+    assert main([*argv, "--steps", "2", "--out", str(out)]) == 0
+    model = out / "model"
+    assert (model / "model_index.json").is_file()
+    StableDiffusionPipeline.from_pretrained(str(model))
+    grid = tmp_path / "g.png"
+    argv = ["generate", "--base", str(model), "--prompt", "a sks face", "--n", "1", "--steps", "2"]
+    assert main([*argv, "--out", str(grid)]) == 0
+    assert grid.is_file()
