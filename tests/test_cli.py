@@ -212,3 +212,16 @@ def test_dreambooth_saves_a_diffusers_folder_that_generates(tmp_path, photo_dir,
     argv = ["generate", "--base", str(model), "--prompt", "a sks face", "--n", "1", "--steps", "2"]
     assert main([*argv, "--out", str(grid)]) == 0
     assert grid.is_file()
+
+
+def test_lora_trains_on_a_bfloat16_base(tmp_path, photo_dir, capsys):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "bf16"
+    argv = ["train", "--method", "lora", "--base", "tiny-random", "--images", str(photo_dir)]
+    argv += ["--base-dtype", "bfloat16", "--steps", "2", "--out", str(out), "--json"]
+    assert main(argv) == 0
+    loss = json.loads(capsys.readouterr().out)["final_loss"]
+    assert np.isfinite(loss)
+    tensors = load_file(str(out / "adapter.safetensors"))
+    assert {t.dtype for t in tensors.values()} == {__import__("torch").float32}

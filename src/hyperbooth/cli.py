@@ -11,6 +11,16 @@ from pathlib import Path
 
 from hyperbooth.errors import HyperboothError
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _dtype(name: str | None):
+    """A torch dtype from its name (None stays None)."""
+    import torch
+
+    return None if name is None else getattr(torch, name)
+
+
 DESCRIPTION = """\
 Personalise Stable Diffusion-family models from a few photos of a subject.
 
@@ -93,6 +103,13 @@ def _base_flags(parser: argparse.ArgumentParser, required: bool = True) -> None:
     parser.add_argument(
         "--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1 ..."
     )
+    parser.add_argument(
+        "--base-dtype",
+        choices=DTYPES,
+        default=None,
+        help="precision of the frozen base weights (default float32; generate on CUDA: float16); "
+        "trainable tensors always stay float32",
+    )
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -151,7 +168,11 @@ def cmd_train(args: argparse.Namespace) -> None:
         device=args.device,
     )
     started = time.perf_counter()
-    base = load_base(args.base)
+    if args.method == "dreambooth" and args.base_dtype not in (None, "float32"):
+        raise HyperboothError(
+            "dreambooth trains the base weights themselves: keep --base-dtype float32"
+        )
+    base = load_base(args.base, dtype=_dtype(args.base_dtype or "float32"))
     images = load_images(args.images, base.resolution)
     loaded = time.perf_counter()
     te = args.train_text_encoder if args.method == "dreambooth" else not args.no_text_encoder
@@ -218,7 +239,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if out.suffix.lower() != ".png":
         raise HyperboothError(f"--out must be a .png file, got {out}")
     device = make_accelerator(TrainConfig(device=args.device)).device
-    base = load_base(args.base).to(device, torch.float16 if device.type == "cuda" else None)
+    dtype = _dtype(args.base_dtype) or (torch.float16 if device.type == "cuda" else None)
+    base = load_base(args.base).to(device, dtype)
     adapters = []
     for spec in args.adapter:
         path, weight = _parse_adapter_arg(spec)
@@ -371,7 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out", required=True, help="diffusers: folder or .safetensors; kohya: .safetensors"
     )
-    p.add_argument("--base", default=None, help="optional: first check that the adapter fits this base")
+    p.add_argument(
+        "--base", default=None, help="optional: first check that the adapter fits this base"
+    )
     p.set_defaults(func=cmd_export)
 
     p = verbs.add_parser(

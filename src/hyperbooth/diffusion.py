@@ -51,7 +51,9 @@ def diffusion_loss(
         0, scheduler.config.num_train_timesteps, (batch,), generator=generator
     ).to(latents.device)
     noisy = scheduler.add_noise(latents, noise, timesteps)
-    prediction = unet(noisy, timesteps, encoder_hidden_states).sample
+    # A base stored in half precision takes half-precision inputs; the loss stays float32.
+    dtype = next(unet.parameters()).dtype
+    prediction = unet(noisy.to(dtype), timesteps, encoder_hidden_states.to(dtype)).sample
     target = diffusion_target(scheduler, latents, noise, timesteps)
     loss = F.mse_loss(prediction.float(), target.float(), reduction="none")
     loss = loss.mean(dim=tuple(range(1, loss.dim())))
