@@ -170,7 +170,7 @@ def test_full_disk_leaves_no_partial_file(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(files, "save_file", no_space)
-    with pytest.raises(HyperboothError, match="No space left"):
+    with pytest.raises(HyperboothError, match="no space left"):
         files.atomic_save_safetensors({"x": torch.zeros(3)}, tmp_path / "a.safetensors")
     assert list(tmp_path.iterdir()) == []
 

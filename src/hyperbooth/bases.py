@@ -460,6 +460,20 @@ def load_base(
     return base.to("meta" if meta else device, dtype)
 
 
+def to_pipeline(base: Base, scheduler: SchedulerMixin | None = None) -> StableDiffusionPipeline:
+    """A StableDiffusionPipeline over the base's own modules (no safety checker)."""
+    return StableDiffusionPipeline(
+        vae=base.vae,
+        text_encoder=base.text_encoder,
+        tokenizer=base.tokenizer,
+        unet=base.unet,
+        scheduler=scheduler or base.scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
 def save_base(base: Base, folder: str | Path) -> None:
     """Write `base` as a diffusers folder with safetensors weights, replacing `folder` atomically."""
     target = Path(folder).expanduser()
@@ -476,17 +490,7 @@ def save_base(base: Base, folder: str | Path) -> None:
     staging = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
     replaced = target.with_name(f".{target.name}.{uuid.uuid4().hex}.old")
     try:
-        pipeline = StableDiffusionPipeline(
-            vae=base.vae,
-            text_encoder=base.text_encoder,
-            tokenizer=base.tokenizer,
-            unet=base.unet,
-            scheduler=base.scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-        pipeline.save_pretrained(staging, safe_serialization=True)
+        to_pipeline(base).save_pretrained(staging, safe_serialization=True)
         if not target.exists():
             os.replace(staging, target)
             return

@@ -230,6 +230,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     import torch
 
     from hyperbooth.adapters.files import load_adapter
+    from hyperbooth.atomic import write_text
     from hyperbooth.bases import load_base
     from hyperbooth.generate import generate_images, image_grid
     from hyperbooth.images import save_png
@@ -264,9 +265,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         "seconds": round(seconds, 2),
         "grid": str(out),
     }
-    from hyperbooth.adapters.files import atomic_write_text
-
-    atomic_write_text(out.with_suffix(".json"), json.dumps(record, indent=2))
+    write_text(out.with_suffix(".json"), json.dumps(record, indent=2))
     print(f"wrote {out} ({len(args.prompt)} prompts x {args.n}) in {seconds:.1f} s")
 
 

@@ -12,17 +12,9 @@ from tqdm.auto import tqdm
 
 def make_pipeline(base: object) -> StableDiffusionPipeline:
     """A StableDiffusionPipeline over the base's own (possibly adapted) modules."""
-    scheduler = DPMSolverMultistepScheduler.from_config(base.scheduler.config)
-    pipe = StableDiffusionPipeline(
-        vae=base.vae,
-        text_encoder=base.text_encoder,
-        tokenizer=base.tokenizer,
-        unet=base.unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    from hyperbooth.bases import to_pipeline
+
+    pipe = to_pipeline(base, DPMSolverMultistepScheduler.from_config(base.scheduler.config))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -6,11 +6,8 @@ docs/INPUT_IMAGES.md lists the rules.
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import os
 import re
-import secrets
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from hyperbooth.atomic import atomic_file
 from hyperbooth.errors import HyperboothError
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
@@ -27,8 +25,6 @@ MAX_PIXELS: int = 64_000_000  # width * height; a 64 MP photo decodes to ~200 MB
 _SUFFIX_LIST = ", ".join(IMAGE_SUFFIXES)
 _WHITE = (255, 255, 255)
 _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
-_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
-_NO_PERMISSION = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
 def collect_images(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[Path]:
@@ -118,22 +114,10 @@ def to_pil(tensor: torch.Tensor) -> Image.Image:
 
 def save_png(image: Image.Image, path: str | os.PathLike[str]) -> None:
     """Write image as PNG at path atomically: readers see the old file or the whole new one."""
-    path = Path(path)
-    # Same folder as the target so os.replace is a rename, never a cross-device copy.
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(temporary, "xb") as file:  # "x": never clobber; open() honours the umask
-            image.save(file, format="PNG")
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except OSError as error:
-        _remove_quietly(temporary)
-        raise _write_error(path, error) from error
-    except BaseException:
-        _remove_quietly(temporary)
-        raise
+    with atomic_file(path) as temporary, open(temporary, "xb") as file:
+        image.save(file, format="PNG")
+        file.flush()
+        os.fsync(file.fileno())
 
 
 def _expand(path: Path) -> list[Path]:
@@ -292,26 +276,11 @@ def _bomb_error(path: Path, error: Exception) -> HyperboothError:
     return _error(f"image too large: {path} has {size}, limit is {limit:,} (downscale it first)")
 
 
-def _write_error(path: Path, error: OSError) -> HyperboothError:
-    """One line saying why path could not be written and what to do."""
-    if error.errno in _DISK_FULL:
-        return _error(f"cannot write {path}: no space left on device (free some disk space)")
-    if error.errno in _NO_PERMISSION:
-        return _error(f"cannot write {path}: {_reason(error)} (choose a writable output folder)")
-    return _error(f"cannot write {path}: {_reason(error)}")
-
-
 def _reason(error: BaseException) -> str:
     """The human part of an exception: strerror for OS errors, else the message or type."""
     if isinstance(error, OSError) and error.strerror:
         return error.strerror.lower()
     return str(error) or type(error).__name__
-
-
-def _remove_quietly(path: Path) -> None:
-    """Delete a temporary file if it exists; a failure here must not hide the real error."""
-    with contextlib.suppress(OSError):
-        path.unlink(missing_ok=True)
 
 
 def _error(message: str) -> HyperboothError:

@@ -207,8 +207,12 @@ def train(
     resume: bool = False,
     run_info: dict | None = None,
     progress: bool = True,
+    save: bool = True,
 ) -> TrainResult:
-    """Optimise the method's trainable tensors for config.steps steps and save the result."""
+    """Optimise the method's trainable tensors for config.steps steps and save the result.
+
+    With save=False nothing is written after the last step (benchmarks time the steps only).
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     trainable = method.trainable()
@@ -268,7 +272,7 @@ def train(
             accelerator.wait_for_everyone()
     seconds = time.perf_counter() - started
     output = out_dir
-    if accelerator.is_main_process:
+    if save and accelerator.is_main_process:
         output = method.save(out_dir)
         save_checkpoint(out_dir, config.steps, trainable, optimizer, run_info)
     accelerator.wait_for_everyone()

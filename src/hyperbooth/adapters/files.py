@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +13,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from hyperbooth.adapters.config import AdapterConfig
 from hyperbooth.adapters.inject import Adapter, add_adapter, base_fingerprint, target_layers
 from hyperbooth.adapters.layers import LiDBWeights, make_weights
+from hyperbooth.atomic import atomic_file
 from hyperbooth.errors import HyperboothError
 
 FORMAT = "hyperbooth.adapter/1"
@@ -69,22 +68,9 @@ def atomic_save_safetensors(
     tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
 ) -> None:
     """Write a safetensors file via a temp file + rename, so no half-written file remains."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-        save_file(contiguous, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise HyperboothError(
-            f"cannot write {path}: {e.strerror or e} (free disk space or pick another --out)"
-        ) from e
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    with atomic_file(path) as temporary:
+        save_file(contiguous, str(temporary), metadata=metadata)
 
 
 def save_adapter(
@@ -182,19 +168,3 @@ def load_adapter(
         )
     adapter.set_scale(weight)
     return adapter
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a text file via a temp file + rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise HyperboothError(
-            f"cannot write {path}: {e.strerror or e} (free disk space or pick another --out)"
-        ) from e

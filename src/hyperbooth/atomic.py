@@ -1,0 +1,54 @@
+"""Atomic file writes: a reader sees the old file or the whole new one, never a part."""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from hyperbooth.errors import HyperboothError
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+_NO_PERMISSION = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def write_error(path: Path, error: OSError) -> HyperboothError:
+    """One line saying why path could not be written and what to do."""
+    reason = (error.strerror or str(error) or type(error).__name__).lower()
+    if error.errno in _DISK_FULL:
+        return HyperboothError(
+            f"cannot write {path}: no space left on device (free some disk space)"
+        )
+    if error.errno in _NO_PERMISSION:
+        return HyperboothError(f"cannot write {path}: {reason} (choose a writable output folder)")
+    return HyperboothError(f"cannot write {path}: {reason}")
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it over `path` on success, delete it on failure.
+
+    An OSError (a full disk, a read-only folder) becomes a one-line HyperboothError.
+    """
+    path = Path(path)
+    # Same folder as the target so os.replace is a rename, never a cross-device copy.
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        yield temporary
+        os.replace(temporary, path)
+    except OSError as error:
+        temporary.unlink(missing_ok=True)
+        raise write_error(path, error) from error
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write a text file atomically."""
+    with atomic_file(path) as temporary:
+        temporary.write_text(text)
