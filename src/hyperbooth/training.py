@@ -26,6 +26,7 @@ from hyperbooth.adapters.files import atomic_save_safetensors
 from hyperbooth.errors import HyperboothError
 
 PRECISIONS = ("no", "bf16", "fp16")
+FOREACH_MAX_NUMBERS = 50_000_000
 
 
 @dataclass
@@ -218,7 +219,11 @@ def train(
     trainable = method.trainable()
     params = list(trainable.values())
     lr = config.learning_rate if config.learning_rate is not None else method.default_learning_rate
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
+    # foreach runs one kernel per op over all tensors instead of a Python loop: faster for the
+    # hundreds of small adapter tensors, but it allocates temporaries as large as all of them,
+    # which a full fine-tune of ~1B numbers cannot afford.
+    foreach = sum(p.numel() for p in params) < FOREACH_MAX_NUMBERS
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay, foreach=foreach)
     scaler = torch.amp.GradScaler("cuda") if config.mixed_precision == "fp16" else None
     # Settings a resumed run must share; steps and checkpoint cadence may change (to extend a run).
     loop = {
