@@ -104,7 +104,7 @@ _RGB_CHANNELS = 3
 _BUILTIN_SEED = 0
 
 # SD1.5's noise schedule (its scheduler/scheduler_config.json, the DDPM subset of it).
-_SD15_SCHEDULER: dict[str, Any] = {
+SD15_SCHEDULER: dict[str, Any] = {
     "num_train_timesteps": 1000,
     "beta_start": 0.00085,
     "beta_end": 0.012,
@@ -283,7 +283,7 @@ def _build_builtin(
             text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
         with _seeded(_BUILTIN_SEED + 2):
             vae = AutoencoderKL(**vae_config)
-    return unet, text_encoder, vae, DDPMScheduler(**_SD15_SCHEDULER)
+    return unet, text_encoder, vae, DDPMScheduler(**SD15_SCHEDULER)
 
 
 # --- Diffusers folders and hub ids ----------------------------------------------------------------

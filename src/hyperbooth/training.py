@@ -111,7 +111,7 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 CHECKPOINT_DIR = "checkpoint"
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     """Split an optimizer state dict into tensors (for safetensors) and the rest (for JSON)."""
     state = optimizer.state_dict()
     tensors, scalars = {}, {}
@@ -124,8 +124,8 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
-def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, info: dict) -> None:
-    """Inverse of _optimizer_tensors."""
+def load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, info: dict) -> None:
+    """Inverse of optimizer_tensors."""
     state: dict[int, dict] = {}
     for key, value in [*tensors.items(), *info["scalars"].items()]:
         index, _, name = key.partition(".")
@@ -145,7 +145,7 @@ def save_checkpoint(
     tmp = out_dir / f".{CHECKPOINT_DIR}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    opt_tensors, opt_info = _optimizer_tensors(optimizer)
+    opt_tensors, opt_info = optimizer_tensors(optimizer)
     atomic_save_safetensors(
         {k: p.detach() for k, p in trainable.items()}, tmp / "trainable.safetensors"
     )
@@ -184,7 +184,7 @@ def load_checkpoint(
     with torch.no_grad():
         for key, param in trainable.items():
             param.copy_(tensors[key])
-    _load_optimizer(optimizer, load_file(str(folder / "optimizer.safetensors")), state["optimizer"])
+    load_optimizer(optimizer, load_file(str(folder / "optimizer.safetensors")), state["optimizer"])
     return int(state["step"])
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from hyperbooth.atomic import write_text
 from hyperbooth.methods.common import SubjectConfig, SubjectData, SubjectMethod
 
 
@@ -46,5 +47,5 @@ class DreamBooth(SubjectMethod):
         folder = out_dir / "model"
         save_base(self.base, folder)
         info = {"method": self.name, "subject": asdict(self.subject), "config": asdict(self.config)}
-        (folder / "hyperbooth.json").write_text(json.dumps(info, indent=2))
+        write_text(folder / "hyperbooth.json", json.dumps(info, indent=2))
         return folder
