@@ -1,0 +1,1 @@
+"""The miniature world: procedural portraits with exact ground truth, and their captions."""
