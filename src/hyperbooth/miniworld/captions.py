@@ -16,6 +16,7 @@ import numpy as np
 from hyperbooth.miniworld.render import (
     CONTEXT_ATTRIBUTES,
     NAMEABLE_TRAITS,
+    SEED_RANGE,
     Context,
     Identity,
     held_out,
@@ -30,7 +31,6 @@ BARE_PAIR_CAPTION = "two faces"
 BARE_PROBABILITY = 0.1  # captions that are just BARE_CAPTION: the model also learns the unprompted
 MENTION_PROBABILITY = 0.5  # each attribute of a non-bare caption is named with this probability
 PAIR_PROBABILITY = 0.1  # training examples showing two faces
-SEED_RANGE = 2**31
 
 # The words of each value inside its phrase, where they differ from the value names.
 _HAIR_STYLE_WORDS = ("short", "long", "curly", "bald")

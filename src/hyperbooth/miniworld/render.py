@@ -52,6 +52,7 @@ CONTEXT_ATTRIBUTES: dict[str, tuple[str, ...]] = {
 }
 
 HELD_OUT_FRACTION = 0.01  # identities reserved for demos and benchmarks, never trained on
+SEED_RANGE = 2**31  # random seeds are drawn from 0..SEED_RANGE-1
 
 _Attributes_T = TypeVar("_Attributes_T", bound="_Attributes")
 
@@ -322,9 +323,9 @@ _BROW_HALF_LENGTH = 0.16
 _BROW_WIDTH = 0.14
 _BROW_RIM = 0.05  # the dark rim round an eyebrow, each side
 _BROW_BEND = 0.13  # how far an arched brow's middle, or an angled brow's ends, move
-_NOSE_TOP, _NOSE_BOTTOM = -0.02, 0.36
-_NOSE_RADIUS = 0.13  # a button nose, at the bottom
-_NOSE_HALF_WIDTH = 0.2  # a triangle nose's base, either side
+_NOSE_TOP, _NOSE_BOTTOM = -0.06, 0.36
+_NOSE_RADIUS = 0.11  # a button nose, at the bottom
+_NOSE_HALF_WIDTH = 0.25  # a triangle nose's base, either side: 2.5x the area of a button
 _NOSE_LINE_WIDTH = 0.1
 _MOUTH_Y = 0.57
 _MOUTH_HALF_WIDTH = 0.27
@@ -744,21 +745,24 @@ _SHEET_ZOOM = 2
 _SHEET_COLUMNS = 8
 _SHEET_RANDOM_ROWS = 8
 _SHEET_GAP = 4
+_SPEED_WARM_UP = 200
 
 
 def contact_sheet(path: str | Path, seed: int = 0) -> None:
     """Write a PNG: random renders, one identity in every style and headwear, and pairs."""
     rng = np.random.default_rng(seed)
     cells = [
-        render_array(random_identity(rng), random_context(rng), int(rng.integers(2**31)))
+        render_array(random_identity(rng), random_context(rng), int(rng.integers(SEED_RANGE)))
         for _ in range(_SHEET_RANDOM_ROWS * _SHEET_COLUMNS)
     ]
     identity = random_identity(rng)
+    framings, headwears = len(CONTEXT_ATTRIBUTES["framing"]), len(CONTEXT_ATTRIBUTES["headwear"])
     for style in range(len(CONTEXT_ATTRIBUTES["style"])):
-        for headwear, framing in ((0, 1), (1 + style % 2, style % 3)):
+        # Bare-headed at medium framing, then with a hat or crown at a framing that cycles.
+        for headwear, framing in ((0, 1), (1 + style % (headwears - 1), style % framings)):
             context = Context(
                 background_colour=style + 1,
-                background_pattern=style % 3,
+                background_pattern=style % len(CONTEXT_ATTRIBUTES["background_pattern"]),
                 style=style,
                 headwear=headwear,
                 framing=framing,
@@ -766,7 +770,7 @@ def contact_sheet(path: str | Path, seed: int = 0) -> None:
             cells.append(render_array(identity, context, seed))
     for _ in range(_SHEET_COLUMNS):
         a, b = random_identity(rng), random_identity(rng)
-        cells.append(render_pair_array(a, b, random_context(rng), int(rng.integers(2**31))))
+        cells.append(render_pair_array(a, b, random_context(rng), int(rng.integers(SEED_RANGE))))
     rows = len(cells) // _SHEET_COLUMNS
     step = SIZE * _SHEET_ZOOM + _SHEET_GAP
     sheet = Image.new("RGB", (step * _SHEET_COLUMNS + _SHEET_GAP, step * rows + _SHEET_GAP), _WHITE)
@@ -782,7 +786,8 @@ def measure_speed(count: int = 2000, seed: int = 0) -> float:
     """Single-face renders per second over random identities and contexts."""
     rng = np.random.default_rng(seed)
     jobs = [(random_identity(rng), random_context(rng), i) for i in range(count)]
-    render_array(*jobs[0])  # fill the background and light-map caches first
+    for job in jobs[:_SPEED_WARM_UP]:
+        render_array(*job)  # fill the background, shape and light-map caches first
     start = time.perf_counter()
     for job in jobs:
         render_array(*job)
