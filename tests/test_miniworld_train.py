@@ -14,6 +14,8 @@ from hyperbooth.miniworld.train_base import main
 TOY = {
     "threads": 1,
     "vae_channels": [8, 16, 16],
+    "vae_norm_groups": 4,
+    "vae_crop": 16,
     "vae_steps": 2,
     "vae_batch": 2,
     "examples": 8,
@@ -27,6 +29,7 @@ TOY = {
     "denoiser_batch": 4,
     "warmup_steps": 1,
     "checkpoint_every": 2,
+    "sample_every": 3,
 }
 
 
@@ -43,6 +46,7 @@ def test_toy_run_exports_a_loadable_diffusers_folder(tmp_path):
     assert base.vae.config.scaling_factor != 0.18215  # measured from the trained VAE
     losses = json.loads((tmp_path / "work" / "losses.json").read_text())
     assert len(losses["vae"]) == 2 and len(losses["denoiser"]) == 3
+    assert (tmp_path / "work" / "samples" / "000003.png").is_file()
 
     # Rerunning with more steps resumes from the checkpoints instead of starting over.
     config.write_text(json.dumps({**TOY, "denoiser_steps": 4}))

@@ -1,0 +1,320 @@
+"""The miniature world's judges: read every identity trait and context attribute from an image.
+
+One small CNN with a classification head per attribute. Its identity heads (every trait in
+TRAITS, hidden ones included) are the identity judge; its context heads (CONTEXT_ATTRIBUTES) are
+the context judge. Two scores for every benchmark come from them:
+
+- identity score: the fraction of a reference identity's traits an image reproduces (the
+  analogue of the paper's face-recognition score), and separately over the hidden traits only;
+- prompt score: the fraction of the context attributes a prompt asks for that the image shows
+  (the analogue of CLIP-T).
+
+Trained on fresh renders, shipped as safetensors + JSON, reproduced by
+
+    python -m hyperbooth.miniworld.judges --out src/hyperbooth/miniworld/weights/judge
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from hyperbooth.adapters.files import atomic_save_safetensors
+from hyperbooth.atomic import write_text
+from hyperbooth.errors import HyperboothError
+from hyperbooth.miniworld.captions import parse_prompt
+from hyperbooth.miniworld.render import (
+    CONTEXT_ATTRIBUTES,
+    HIDDEN_TRAITS,
+    SEED_RANGE,
+    SIZE,
+    TRAITS,
+    Context,
+    Identity,
+    random_context,
+    random_identity,
+    render_array,
+)
+
+ATTRIBUTES: dict[str, tuple[str, ...]] = {**TRAITS, **CONTEXT_ATTRIBUTES}
+DEFAULT_JUDGE = Path(__file__).parent / "weights" / "judge"
+WEIGHTS_FILE = "judge.safetensors"
+INFO_FILE = "judge.json"
+
+
+@dataclass
+class JudgeConfig:
+    """The judge's size and its training run."""
+
+    channels: tuple[int, ...] = (32, 64, 96, 128)
+    hidden: int = 384
+    examples: int = 40_000
+    epochs: int = 8
+    batch: int = 128
+    lr: float = 2e-3
+    noise: float = 0.08  # max std of added pixel noise, in [-1, 1] units: robustness to samples
+    blur_probability: float = 0.3  # share of training images softened by a 3x3 box blur
+    eval_examples: int = 4000
+    seed: int = 0
+    threads: int = 2
+
+
+class JudgeNet(nn.Module):
+    """(B, 3, 64, 64) images in [-1, 1] -> (B, sum of value counts) logits, one block per attribute."""
+
+    def __init__(self, channels: Sequence[int], hidden: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        previous = 3
+        for i, width in enumerate(channels):
+            # Two convolutions at full resolution first: marks and brows are a few pixels big.
+            repeats = 2 if i == 0 else 1
+            for _ in range(repeats):
+                layers += [
+                    nn.Conv2d(previous, width, 3, padding=1),
+                    nn.BatchNorm2d(width),
+                    nn.ReLU(),
+                ]
+                previous = width
+            layers.append(nn.MaxPool2d(2))
+        side = SIZE // 2 ** len(channels)
+        self.body = nn.Sequential(
+            *layers,
+            nn.Flatten(),
+            nn.Linear(previous * side * side, hidden),
+            nn.ReLU(),
+            nn.Dropout(0.2),
+        )
+        self.head = nn.Linear(hidden, sum(len(values) for values in ATTRIBUTES.values()))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits for every value of every attribute, concatenated in ATTRIBUTES order."""
+        return self.head(self.body(images))
+
+
+def split_logits(logits: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Attribute name -> (B, value count) logits."""
+    sizes = [len(values) for values in ATTRIBUTES.values()]
+    return dict(zip(ATTRIBUTES, logits.split(sizes, dim=1), strict=True))
+
+
+def as_batch(images: np.ndarray | torch.Tensor | Sequence) -> torch.Tensor:
+    """uint8 (B, 64, 64, 3) arrays, PIL images or float (B, 3, 64, 64) in [-1, 1] -> the latter."""
+    if isinstance(images, torch.Tensor) and images.is_floating_point():
+        batch = images.float()
+    else:
+        if not isinstance(images, np.ndarray):
+            images = np.stack([np.asarray(image.convert("RGB")) for image in images])
+        batch = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
+        batch = batch / 127.5 - 1
+    if batch.ndim != 4 or tuple(batch.shape[1:]) != (3, SIZE, SIZE):
+        raise HyperboothError(
+            f"the judges read {SIZE}x{SIZE} RGB images; got a batch of shape {tuple(batch.shape)}"
+        )
+    return batch
+
+
+@dataclass(frozen=True)
+class Reading:
+    """What the judges read from one image."""
+
+    identity: Identity
+    context: Context
+
+
+class Judge:
+    """The trained judges: `read` images into identities and contexts."""
+
+    def __init__(self, net: JudgeNet, info: dict) -> None:
+        self.net = net.eval()
+        self.info = info
+
+    @classmethod
+    def load(cls, folder: str | Path = DEFAULT_JUDGE) -> Judge:
+        """The judge saved in folder (default: the one shipped with the package)."""
+        folder = Path(folder)
+        if not (folder / WEIGHTS_FILE).is_file() or not (folder / INFO_FILE).is_file():
+            raise HyperboothError(
+                f"no judge in {folder} (need {WEIGHTS_FILE} and {INFO_FILE}); train one with "
+                "`python -m hyperbooth.miniworld.judges --out DIR`"
+            )
+        info = json.loads((folder / INFO_FILE).read_text())
+        config = JudgeConfig(**info["config"])
+        net = JudgeNet(config.channels, config.hidden)
+        net.load_state_dict(
+            {k: v.float() for k, v in load_file(str(folder / WEIGHTS_FILE)).items()}
+        )
+        return cls(net, info)
+
+    def save(self, folder: str | Path) -> None:
+        """Write the weights (float16 safetensors) and the JSON info into folder."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.half().contiguous() for k, v in self.net.state_dict().items()}
+        # BatchNorm's step counter is an integer; keep it as it is.
+        tensors.update(
+            {k: v for k, v in self.net.state_dict().items() if not v.is_floating_point()}
+        )
+        atomic_save_safetensors(tensors, folder / WEIGHTS_FILE)
+        write_text(folder / INFO_FILE, json.dumps(self.info, indent=2))
+
+    @torch.no_grad()
+    def predict(self, images: np.ndarray | torch.Tensor | Sequence) -> dict[str, torch.Tensor]:
+        """Attribute name -> (B,) value indices read from the images."""
+        batch = as_batch(images)
+        chunks = [split_logits(self.net(part)) for part in batch.split(256)]
+        return {name: torch.cat([c[name].argmax(1) for c in chunks]) for name in ATTRIBUTES}
+
+    def read(self, images: np.ndarray | torch.Tensor | Sequence) -> list[Reading]:
+        """The identity and context read from each image."""
+        values = self.predict(images)
+        count = len(next(iter(values.values())))
+        return [
+            Reading(
+                Identity(**{name: int(values[name][i]) for name in TRAITS}),
+                Context(**{name: int(values[name][i]) for name in CONTEXT_ATTRIBUTES}),
+            )
+            for i in range(count)
+        ]
+
+
+def identity_score(reference: Identity, read: Identity) -> tuple[float, float]:
+    """(fraction of all traits, fraction of hidden traits) that `read` shares with `reference`."""
+    same = {name: getattr(reference, name) == getattr(read, name) for name in TRAITS}
+    hidden = [same[name] for name in HIDDEN_TRAITS]
+    return sum(same.values()) / len(same), sum(hidden) / len(hidden)
+
+
+def prompt_score(prompt: str | Mapping[str, int], read: Context) -> float | None:
+    """The fraction of the context attributes the prompt asks for that `read` shows (None: none)."""
+    asked = parse_prompt(prompt) if isinstance(prompt, str) else dict(prompt)
+    asked = {name: value for name, value in asked.items() if name in CONTEXT_ATTRIBUTES}
+    if not asked:
+        return None
+    return sum(getattr(read, name) == value for name, value in asked.items()) / len(asked)
+
+
+def chance_levels() -> dict[str, float]:
+    """Scores of an image of a uniformly random identity and context, in expectation."""
+
+    def mean_inverse(table: Mapping[str, tuple[str, ...]]) -> float:
+        return float(np.mean([1 / len(values) for values in table.values()]))
+
+    return {
+        "identity": mean_inverse(TRAITS),
+        "hidden": mean_inverse(HIDDEN_TRAITS),
+        "prompt_one_attribute": mean_inverse(CONTEXT_ATTRIBUTES),
+    }
+
+
+# --- Training -------------------------------------------------------------------------------------
+
+
+def render_examples(count: int, seed: int, desc: str = "render") -> tuple[np.ndarray, np.ndarray]:
+    """count random single-face renders (uint8 NHWC) and their labels (count, len(ATTRIBUTES))."""
+    rng = np.random.default_rng([seed, 0x6A75])  # "ju"
+    images = np.empty((count, SIZE, SIZE, 3), np.uint8)
+    labels = np.empty((count, len(ATTRIBUTES)), np.int64)
+    for i in tqdm(range(count), desc=desc):
+        identity, context = random_identity(rng), random_context(rng)
+        images[i] = render_array(identity, context, int(rng.integers(SEED_RANGE)))
+        labels[i] = [*identity.as_dict().values(), *context.as_dict().values()]
+    return images, labels
+
+
+def _augment(batch: torch.Tensor, config: JudgeConfig, generator: torch.Generator) -> torch.Tensor:
+    """Soften and add noise to some images, as a generator's samples are softened and noisy."""
+    count = batch.shape[0]
+    blur = torch.rand(count, generator=generator) < config.blur_probability
+    if blur.any():
+        kernel = torch.full((3, 1, 3, 3), 1 / 9)
+        padded = nn.functional.pad(batch[blur], (1, 1, 1, 1), mode="replicate")
+        batch = batch.clone()
+        batch[blur] = nn.functional.conv2d(padded, kernel, groups=3)
+    sigma = torch.rand(count, 1, 1, 1, generator=generator) * config.noise
+    return batch + sigma * torch.randn(batch.shape, generator=generator)
+
+
+def accuracy(judge: Judge, images: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Per-attribute accuracy of the judge on labelled images."""
+    values = judge.predict(images)
+    return {
+        name: float((values[name].numpy() == labels[:, k]).mean())
+        for k, name in enumerate(ATTRIBUTES)
+    }
+
+
+def train_judge(config: JudgeConfig, progress: bool = True) -> Judge:
+    """Train a judge on fresh renders and measure it on other fresh renders."""
+    started = time.perf_counter()
+    torch.manual_seed(config.seed)
+    images, labels = render_examples(config.examples, config.seed)
+    net = JudgeNet(config.channels, config.hidden)
+    optimizer = torch.optim.AdamW(net.parameters(), config.lr, weight_decay=1e-4)
+    per_epoch = config.examples // config.batch
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, config.lr, total_steps=config.epochs * per_epoch
+    )
+    targets = torch.from_numpy(labels)
+    generator = torch.Generator().manual_seed(config.seed)
+    losses = []
+    bar = tqdm(total=config.epochs * per_epoch, desc="judge", disable=not progress)
+    for epoch in range(config.epochs):
+        net.train()
+        order = torch.randperm(config.examples, generator=generator)
+        for step in range(per_epoch):
+            index = order[step * config.batch : (step + 1) * config.batch]
+            batch = _augment(as_batch(images[index.numpy()]), config, generator)
+            logits = split_logits(net(batch))
+            loss = sum(
+                nn.functional.cross_entropy(logits[name], targets[index, k])
+                for k, name in enumerate(ATTRIBUTES)
+            )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            losses.append(loss.item())
+            bar.update()
+        bar.set_postfix(epoch=epoch, loss=f"{np.mean(losses[-per_epoch:]):.3f}")
+    bar.close()
+    judge = Judge(net, {})
+    test_images, test_labels = render_examples(config.eval_examples, config.seed + 1, "eval")
+    judge.info = {
+        "config": asdict(config),
+        "accuracy": accuracy(judge, test_images, test_labels),
+        "chance": chance_levels(),
+        "seconds": time.perf_counter() - started,
+        "final_loss": float(np.mean(losses[-per_epoch:])),
+    }
+    return judge
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Train the judges and write them to --out."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", required=True, help="folder to write the judge into")
+    parser.add_argument("--config", default=None, help="JSON file overriding JudgeConfig fields")
+    args = parser.parse_args(argv)
+    overrides = json.loads(Path(args.config).read_text()) if args.config else {}
+    config = JudgeConfig(**overrides)
+    torch.set_num_threads(config.threads)
+    judge = train_judge(config)
+    judge.save(args.out)
+    print(json.dumps({k: judge.info[k] for k in ("accuracy", "chance", "seconds")}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
