@@ -8,8 +8,10 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
+from hyperbooth import bases
 from hyperbooth.bases import (
     BUILTIN_BASES,
+    MINI_FOLDER,
     Base,
     clip_tokenizer,
     load_base,
@@ -120,7 +122,14 @@ def test_clip_tokenizer_copies_are_independent() -> None:
 
 
 def test_builtin_names() -> None:
-    assert BUILTIN_BASES == ("tiny-random", "sd15-arch")
+    assert BUILTIN_BASES == ("mini", "tiny-random", "sd15-arch")
+
+
+def test_a_missing_mini_names_the_command_that_rebuilds_it(monkeypatch, tmp_path) -> None:
+    monkeypatch.setattr(bases, "MINI_FOLDER", tmp_path / "absent")
+    with pytest.raises(HyperboothError, match="train_base") as error:
+        load_base("mini")
+    assert "\n" not in str(error.value)
 
 
 def test_tiny_random_is_deterministic_and_leaves_the_rng_alone(tiny: Base) -> None:
@@ -294,3 +303,19 @@ def test_uncached_hub_id_offline(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(HyperboothError) as error:
         load_base("hyperbooth-tests/not-a-real-repo")
     assert_one_line_error(error, "Hugging Face cache", "tiny-random")
+
+
+# --- mini: the miniature world's trained model, shipped in the package ---------------------------
+
+MINI_LIMIT_BYTES = 40 * 1024 * 1024
+
+
+@pytest.mark.skipif(not MINI_FOLDER.is_dir(), reason="mini is not trained in this checkout yet")
+def test_mini_is_a_small_standard_diffusers_folder() -> None:
+    stored = sum(path.stat().st_size for path in MINI_FOLDER.rglob("*") if path.is_file())
+    assert stored <= MINI_LIMIT_BYTES
+    base = load_base("mini")
+    assert base.resolution == 64 and base.unet.dtype == torch.float32
+    assert base.vae.config.scaling_factor != 0.18215  # measured on its own latents
+    pipe = StableDiffusionPipeline.from_pretrained(str(MINI_FOLDER))
+    assert pipe.unet.config.sample_size == 16

@@ -27,7 +27,10 @@ from hyperbooth.errors import HyperboothError
 
 TINY_RANDOM = "tiny-random"
 SD15_ARCH = "sd15-arch"
-BUILTIN_BASES: tuple[str, ...] = (TINY_RANDOM, SD15_ARCH)
+MINI = "mini"
+BUILTIN_BASES: tuple[str, ...] = (MINI, TINY_RANDOM, SD15_ARCH)
+# `mini` is the miniature world's trained model, a diffusers folder shipped inside the package.
+MINI_FOLDER = Path(__file__).parent / "miniworld" / "weights" / "mini"
 
 # --- The CLIP tokenizer (SD1.x's), built from OpenAI's BPE merges file ---------------------------
 
@@ -435,7 +438,15 @@ def load_base(
     parameters); `device` is then ignored.
     """
     path = Path(spec).expanduser()
-    if spec in BUILTIN_BASES:
+    if spec == MINI:
+        if not MINI_FOLDER.is_dir():
+            raise HyperboothError(
+                f"the built-in base {MINI!r} is missing from this installation ({MINI_FOLDER}); "
+                "reinstall hyperbooth, or rebuild it with `python -m hyperbooth.miniworld.train_base "
+                f"--work runs/mini --out {MINI_FOLDER}`"
+            )
+        unet, text_encoder, vae, tokenizer, scheduler = _load_folder(spec, MINI_FOLDER, dtype, meta)
+    elif spec in BUILTIN_BASES:
         unet, text_encoder, vae, scheduler = _build_builtin(spec, meta)
         tokenizer = clip_tokenizer()
     elif path.exists():

@@ -41,9 +41,11 @@ from hyperbooth.miniworld.render import (
     TRAITS,
     Context,
     Identity,
+    pair_box,
     random_context,
     random_identity,
     render_array,
+    render_pair_array,
 )
 
 ATTRIBUTES: dict[str, tuple[str, ...]] = {**TRAITS, **CONTEXT_ATTRIBUTES}
@@ -64,6 +66,7 @@ class JudgeConfig:
     lr: float = 2e-3
     noise: float = 0.08  # max std of added pixel noise, in [-1, 1] units: robustness to samples
     blur_probability: float = 0.3  # share of training images softened by a 3x3 box blur
+    pair_fraction: float = 0.15  # training images that are one face cut from a two-face image
     eval_examples: int = 4000
     seed: int = 0
     threads: int = 2
@@ -106,6 +109,17 @@ def split_logits(logits: torch.Tensor) -> dict[str, torch.Tensor]:
     """Attribute name -> (B, value count) logits."""
     sizes = [len(values) for values in ATTRIBUTES.values()]
     return dict(zip(ATTRIBUTES, logits.split(sizes, dim=1), strict=True))
+
+
+def pair_halves(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The left and right faces of a two-face (64, 64, 3) uint8 image, each enlarged to 64x64."""
+    from PIL import Image
+
+    picture = Image.fromarray(image)
+    return tuple(
+        np.asarray(picture.crop(pair_box(side)).resize((SIZE, SIZE), Image.Resampling.BILINEAR))
+        for side in (0, 1)
+    )
 
 
 def as_batch(images: np.ndarray | torch.Tensor | Sequence) -> torch.Tensor:
@@ -175,6 +189,16 @@ class Judge:
         chunks = [split_logits(self.net(part)) for part in batch.split(256)]
         return {name: torch.cat([c[name].argmax(1) for c in chunks]) for name in ATTRIBUTES}
 
+    def read_pairs(self, images: np.ndarray | Sequence) -> list[tuple[Reading, Reading]]:
+        """The (left, right) readings of two-face images (uint8 (B, 64, 64, 3) or PIL)."""
+        arrays = [
+            np.asarray(image.convert("RGB")) if hasattr(image, "convert") else image
+            for image in images
+        ]
+        halves = [half for array in arrays for half in pair_halves(array)]
+        readings = self.read(np.stack(halves))
+        return list(zip(readings[0::2], readings[1::2], strict=True))
+
     def read(self, images: np.ndarray | torch.Tensor | Sequence) -> list[Reading]:
         """The identity and context read from each image."""
         values = self.predict(images)
@@ -220,15 +244,33 @@ def chance_levels() -> dict[str, float]:
 # --- Training -------------------------------------------------------------------------------------
 
 
-def render_examples(count: int, seed: int, desc: str = "render") -> tuple[np.ndarray, np.ndarray]:
-    """count random single-face renders (uint8 NHWC) and their labels (count, len(ATTRIBUTES))."""
+IGNORE = -100  # a label the loss skips: a face cut from a pair has no framing of its own
+FRAMING_COLUMN = list(ATTRIBUTES).index("framing")
+
+
+def render_examples(
+    count: int, seed: int, pair_fraction: float = 0.0, desc: str = "render", progress: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """count random renders (uint8 NHWC) and labels (count, len(ATTRIBUTES)).
+
+    A share `pair_fraction` are one face cut from a two-face render (`pair_halves`), labelled
+    with that face's traits and the context, framing IGNORE.
+    """
     rng = np.random.default_rng([seed, 0x6A75])  # "ju"
     images = np.empty((count, SIZE, SIZE, 3), np.uint8)
     labels = np.empty((count, len(ATTRIBUTES)), np.int64)
-    for i in tqdm(range(count), desc=desc):
+    for i in tqdm(range(count), desc=desc, disable=not progress):
         identity, context = random_identity(rng), random_context(rng)
-        images[i] = render_array(identity, context, int(rng.integers(SEED_RANGE)))
-        labels[i] = [*identity.as_dict().values(), *context.as_dict().values()]
+        render_seed = int(rng.integers(SEED_RANGE))
+        if rng.random() < pair_fraction:
+            other, side = random_identity(rng), int(rng.integers(2))
+            faces = (identity, other) if side == 0 else (other, identity)
+            images[i] = pair_halves(render_pair_array(*faces, context, render_seed))[side]
+            labels[i] = [*identity.as_dict().values(), *context.as_dict().values()]
+            labels[i, FRAMING_COLUMN] = IGNORE
+        else:
+            images[i] = render_array(identity, context, render_seed)
+            labels[i] = [*identity.as_dict().values(), *context.as_dict().values()]
     return images, labels
 
 
@@ -246,19 +288,21 @@ def _augment(batch: torch.Tensor, config: JudgeConfig, generator: torch.Generato
 
 
 def accuracy(judge: Judge, images: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """Per-attribute accuracy of the judge on labelled images."""
+    """Per-attribute accuracy of the judge on labelled images (IGNORE labels left out)."""
     values = judge.predict(images)
-    return {
-        name: float((values[name].numpy() == labels[:, k]).mean())
-        for k, name in enumerate(ATTRIBUTES)
-    }
+    scores = {}
+    for k, name in enumerate(ATTRIBUTES):
+        known = labels[:, k] != IGNORE
+        if known.any():
+            scores[name] = float((values[name].numpy()[known] == labels[known, k]).mean())
+    return scores
 
 
 def train_judge(config: JudgeConfig, progress: bool = True) -> Judge:
     """Train a judge on fresh renders and measure it on other fresh renders."""
     started = time.perf_counter()
     torch.manual_seed(config.seed)
-    images, labels = render_examples(config.examples, config.seed)
+    images, labels = render_examples(config.examples, config.seed, config.pair_fraction)
     net = JudgeNet(config.channels, config.hidden)
     optimizer = torch.optim.AdamW(net.parameters(), config.lr, weight_decay=1e-4)
     per_epoch = config.examples // config.batch
@@ -277,7 +321,7 @@ def train_judge(config: JudgeConfig, progress: bool = True) -> Judge:
             batch = _augment(as_batch(images[index.numpy()]), config, generator)
             logits = split_logits(net(batch))
             loss = sum(
-                nn.functional.cross_entropy(logits[name], targets[index, k])
+                nn.functional.cross_entropy(logits[name], targets[index, k], ignore_index=IGNORE)
                 for k, name in enumerate(ATTRIBUTES)
             )
             optimizer.zero_grad(set_to_none=True)
@@ -289,10 +333,14 @@ def train_judge(config: JudgeConfig, progress: bool = True) -> Judge:
         bar.set_postfix(epoch=epoch, loss=f"{np.mean(losses[-per_epoch:]):.3f}")
     bar.close()
     judge = Judge(net, {})
-    test_images, test_labels = render_examples(config.eval_examples, config.seed + 1, "eval")
+    test_images, test_labels = render_examples(config.eval_examples, config.seed + 1, 0.0, "eval")
+    pair_images, pair_labels = render_examples(
+        config.eval_examples // 4, config.seed + 2, 1.0, "eval pairs"
+    )
     judge.info = {
         "config": asdict(config),
         "accuracy": accuracy(judge, test_images, test_labels),
+        "pair_accuracy": accuracy(judge, pair_images, pair_labels),
         "chance": chance_levels(),
         "seconds": time.perf_counter() - started,
         "final_loss": float(np.mean(losses[-per_epoch:])),
@@ -313,7 +361,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     torch.set_num_threads(config.threads)
     judge = train_judge(config)
     judge.save(args.out)
-    print(json.dumps({k: judge.info[k] for k in ("accuracy", "chance", "seconds")}, indent=2))
+    shown = ("accuracy", "pair_accuracy", "chance", "seconds")
+    print(json.dumps({k: judge.info[k] for k in shown}, indent=2))
 
 
 if __name__ == "__main__":

@@ -734,6 +734,14 @@ def render_pair_array(a: Identity, b: Identity, context: Context, seed: int) -> 
     return _draw(faces, context, seed)
 
 
+def pair_box(side: int) -> tuple[int, int, int, int]:
+    """The (left, top, right, bottom) pixel square round face `side` (0 left, 1 right) of a pair."""
+    half = SIZE // 4
+    x = round(_PAIR_CENTRES_X[side])
+    y = round(_FRAMING_CENTRE_Y[CONTEXT_ATTRIBUTES["framing"].index("far away")])
+    return x - half, y - half, x + half, y + half
+
+
 def render_pair(a: Identity, b: Identity, context: Context, seed: int) -> Image.Image:
     """a (left) and b (right) side by side at the far-away size as a 64x64 RGB image."""
     return Image.fromarray(render_pair_array(a, b, context, seed))

@@ -1,0 +1,313 @@
+"""Measure `mini` with the judges: does it obey text, and does personalisation on it work?
+
+    python -m hyperbooth.miniworld.evaluate obedience --out docs/mini_obedience.json
+    python -m hyperbooth.miniworld.evaluate personalisation --method lidb --out docs/...json
+
+Obedience: generated images for random captions (fixed seeds); the fraction of the context
+attributes and of the nameable traits each prompt asks for that the judges see.
+Personalisation: for held-out identities (never in the training set), one reference render ->
+one adapter -> images in new prompts; identity score, hidden-trait accuracy and prompt score, next
+to the same prompts on the base model without the subject.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from hyperbooth.adapters.config import AdapterConfig
+from hyperbooth.atomic import write_text
+from hyperbooth.bases import load_base
+from hyperbooth.generate import generate_images
+from hyperbooth.miniworld.captions import caption, pair_caption
+from hyperbooth.miniworld.judges import Judge, identity_score, prompt_score
+from hyperbooth.miniworld.render import (
+    CONTEXT_ATTRIBUTES,
+    NAMEABLE_TRAITS,
+    Context,
+    Identity,
+    held_out,
+    random_context,
+    random_identity,
+    render,
+)
+
+TOKEN = "sks"
+# The reference photo: a plain, front-on portrait, so every new prompt changes something.
+REFERENCE_CONTEXT = Context(
+    background_colour=0, background_pattern=0, style=0, headwear=0, framing=1
+)
+# New contexts to draw the subject in: each changes one or two things about the reference.
+EVALUATION_CONTEXTS: tuple[dict[str, str], ...] = (
+    {"headwear": "hat"},
+    {"style": "pencil sketch"},
+    {"background_colour": "red"},
+    {"style": "flat cartoon", "background_colour": "green"},
+    {"framing": "close up"},
+    {"headwear": "crown", "background_pattern": "stripes"},
+    {"style": "inverted colours"},
+    {"framing": "far away", "background_colour": "blue"},
+)
+
+
+def context_indices(names: dict[str, str]) -> dict[str, int]:
+    """{"style": "pencil sketch"} -> {"style": 2}."""
+    return {name: CONTEXT_ATTRIBUTES[name].index(value) for name, value in names.items()}
+
+
+def subject_prompt(names: dict[str, str], token: str | None = TOKEN) -> str:
+    """The evaluation prompt for one context, naming the subject by token (or not, for the base)."""
+    from hyperbooth.miniworld.captions import prompt_for
+
+    return prompt_for(context_indices(names), token=token)
+
+
+def held_out_identities(count: int, seed: int = 0) -> list[Identity]:
+    """count distinct identities from the held-out split, in a fixed order."""
+    rng = np.random.default_rng([seed, 0x686F])  # "ho"
+    found: list[Identity] = []
+    while len(found) < count:
+        identity = random_identity(rng)
+        if held_out(identity) and identity not in found:
+            found.append(identity)
+    return found
+
+
+def _fraction(hits: Sequence[bool]) -> float | None:
+    """The mean of hits, None when empty."""
+    return float(np.mean(hits)) if len(hits) else None
+
+
+# --- Text obedience --------------------------------------------------------------------------------
+
+
+def obedience(
+    base: object,
+    judge: Judge,
+    prompts: int = 200,
+    pair_prompts: int = 50,
+    seed: int = 0,
+    steps: int = 20,
+    progress: bool = True,
+) -> dict:
+    """How often generated images show what random captions ask for."""
+    rng = np.random.default_rng([seed, 0x6F62])  # "ob"
+    singles = []
+    while len(singles) < prompts:
+        described = caption(random_identity(rng), random_context(rng), rng, bare_probability=0)
+        if described.mentioned:
+            singles.append(described)
+    started = time.perf_counter()
+    images = generate_images(
+        base,
+        [c.text for c in singles],
+        n=1,
+        seed=seed,
+        steps=steps,
+        batch_size=8,
+        progress=progress,
+    )
+    seconds = time.perf_counter() - started
+    readings = judge.read([row[0] for row in images])
+    asked_context, asked_traits = [], []
+    per_attribute: dict[str, list[bool]] = {}
+    for described, reading in zip(singles, readings, strict=True):
+        for name, value in described.mentioned.items():
+            shown = getattr(reading.identity if name in NAMEABLE_TRAITS else reading.context, name)
+            hit = shown == value
+            (asked_traits if name in NAMEABLE_TRAITS else asked_context).append(hit)
+            per_attribute.setdefault(name, []).append(hit)
+
+    pairs = []
+    for _ in range(pair_prompts):
+        context = random_context(rng)
+        pairs.append(
+            pair_caption(
+                random_identity(rng), random_identity(rng), context, rng, bare_probability=0
+            )
+        )
+    pair_images = generate_images(
+        base, [c.text for c in pairs], n=1, seed=seed, steps=steps, batch_size=8, progress=progress
+    )
+    pair_traits, pair_context, both_right = [], [], []
+    for described, (left, right) in zip(
+        pairs, judge.read_pairs([row[0] for row in pair_images]), strict=True
+    ):
+        hits = []
+        for key, value in described.mentioned.items():
+            side, _, name = key.rpartition(".")
+            if side:
+                hits.append(getattr((left if side == "left" else right).identity, name) == value)
+            else:
+                pair_context.append(getattr(left.context, name) == value)
+        pair_traits += hits
+        both_right.append(all(hits))
+    return {
+        "prompts": prompts,
+        "context_shown": _fraction(asked_context),
+        "nameable_traits_shown": _fraction(asked_traits),
+        "per_attribute": {name: _fraction(hits) for name, hits in sorted(per_attribute.items())},
+        "seconds_per_image": seconds / prompts,
+        "sampling_steps": steps,
+        "pairs": {
+            "prompts": pair_prompts,
+            "traits_shown": _fraction(pair_traits),
+            "context_shown": _fraction(pair_context),
+            "all_named_traits_of_both_faces_shown": _fraction(both_right),
+        },
+    }
+
+
+# --- Personalisation -------------------------------------------------------------------------------
+
+
+@dataclass
+class PersonalisationConfig:
+    """What `personalisation` fits and how it samples."""
+
+    method: str = "lidb"
+    identities: int = 20
+    steps: int = 400
+    learning_rate: float | None = None  # None: the method's default
+    images_per_prompt: int = 2
+    sampling_steps: int = 20
+    seed: int = 0
+
+
+def _scores(judge: Judge, reference: Identity, rows: list[list[Image.Image]]) -> dict:
+    """Identity, hidden-trait and prompt scores of images generated for EVALUATION_CONTEXTS."""
+    identity, hidden, prompt = [], [], []
+    for names, images in zip(EVALUATION_CONTEXTS, rows, strict=True):
+        for reading in judge.read(images):
+            total, hidden_share = identity_score(reference, reading.identity)
+            identity.append(total)
+            hidden.append(hidden_share)
+            prompt.append(prompt_score(context_indices(names), reading.context))
+    return {
+        "identity": float(np.mean(identity)),
+        "hidden": float(np.mean(hidden)),
+        "prompt": float(np.mean(prompt)),
+    }
+
+
+def personalisation(
+    base: object, judge: Judge, config: PersonalisationConfig, progress: bool = True
+) -> dict:
+    """Fit each held-out identity from one reference render; score it and the bare base."""
+    from hyperbooth.methods import SubjectConfig, personalise
+    from hyperbooth.training import TrainConfig
+
+    prompts = [subject_prompt(names) for names in EVALUATION_CONTEXTS]
+    plain_prompts = [subject_prompt(names, token=None) for names in EVALUATION_CONTEXTS]
+    generate = {
+        "n": config.images_per_prompt,
+        "seed": config.seed + 1000,
+        "steps": config.sampling_steps,
+        "batch_size": 8,
+        "progress": False,
+    }
+    plain_rows = generate_images(base, plain_prompts, **generate)
+    rows = []
+    for index, identity in enumerate(
+        tqdm(held_out_identities(config.identities, config.seed), disable=not progress)
+    ):
+        reference = render(identity, REFERENCE_CONTEXT, config.seed + index)
+        subject = copy.deepcopy(base)
+        with tempfile.TemporaryDirectory() as out:
+            result = personalise(
+                subject,
+                [reference],
+                out,
+                config.method,
+                SubjectConfig(token=TOKEN, class_name="face"),
+                AdapterConfig(kind=config.method) if config.method != "dreambooth" else None,
+                TrainConfig(
+                    steps=config.steps,
+                    learning_rate=config.learning_rate,
+                    seed=config.seed,
+                    device="cpu",
+                ),
+                progress=False,
+            )
+            stored = result.output.stat().st_size
+        started = time.perf_counter()
+        images = generate_images(subject, prompts, **generate)
+        row = {
+            "identity": identity.index,
+            "fit_seconds": result.seconds,
+            "generate_seconds": time.perf_counter() - started,
+            "stored_bytes": stored,
+            "personalised": _scores(judge, identity, images),
+            "base": _scores(judge, identity, plain_rows),
+        }
+        rows.append(row)
+    summary = {
+        side: {
+            score: float(np.mean([row[side][score] for row in rows]))
+            for score in ("identity", "hidden", "prompt")
+        }
+        for side in ("personalised", "base")
+    }
+    return {
+        "config": asdict(config),
+        "prompts": prompts,
+        "summary": summary,
+        "fit_seconds_mean": float(np.mean([row["fit_seconds"] for row in rows])),
+        "stored_bytes": rows[0]["stored_bytes"] if rows else None,
+        "identities": rows,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run one measurement on a base (default `mini`) and write its JSON."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("what", choices=("obedience", "personalisation"))
+    parser.add_argument("--base", default="mini")
+    parser.add_argument("--out", required=True, help="JSON file to write")
+    parser.add_argument("--prompts", type=int, default=200, help="obedience: single-face prompts")
+    parser.add_argument("--pair-prompts", type=int, default=50, help="obedience: two-face prompts")
+    parser.add_argument("--method", default="lidb", help="personalisation: lidb, lora, dreambooth")
+    parser.add_argument("--identities", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=400, help="personalisation: training steps")
+    parser.add_argument("--learning-rate", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    base, judge = load_base(args.base), Judge.load()
+    started = time.perf_counter()
+    if args.what == "obedience":
+        report = obedience(base, judge, args.prompts, args.pair_prompts, args.seed)
+    else:
+        config = PersonalisationConfig(
+            method=args.method,
+            identities=args.identities,
+            steps=args.steps,
+            learning_rate=args.learning_rate,
+            seed=args.seed,
+        )
+        report = personalisation(base, judge, config)
+    report["command"] = "python -m hyperbooth.miniworld.evaluate " + " ".join(
+        argv if argv is not None else sys.argv[1:]
+    )
+    report["seconds"] = time.perf_counter() - started
+    write_text(Path(args.out), json.dumps(report, indent=2))
+    print(json.dumps({k: v for k, v in report.items() if k != "identities"}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

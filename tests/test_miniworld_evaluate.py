@@ -1,0 +1,64 @@
+"""The mini measurements run end to end on a toy-sized model and judge, and report sane numbers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hyperbooth.bases import load_base
+from hyperbooth.miniworld.evaluate import (
+    EVALUATION_CONTEXTS,
+    PersonalisationConfig,
+    held_out_identities,
+    obedience,
+    personalisation,
+    subject_prompt,
+)
+from hyperbooth.miniworld.judges import JudgeConfig, train_judge
+from hyperbooth.miniworld.render import held_out
+from hyperbooth.miniworld.train_base import main as train_base
+from test_miniworld_train import TOY
+
+
+@pytest.fixture(scope="module")
+def toy_world(tmp_path_factory):
+    """A toy-sized mini (seconds of training) and a toy judge: the numbers mean nothing."""
+    folder = tmp_path_factory.mktemp("toy_mini")
+    config = folder / "toy.json"
+    config.write_text(json.dumps({**TOY, "sample_every": 0}))
+    train_base(
+        ["--work", str(folder / "work"), "--out", str(folder / "model"), "--config", str(config)]
+    )
+    judge = train_judge(
+        JudgeConfig(channels=(4, 8), hidden=16, examples=32, epochs=1, batch=32, eval_examples=8),
+        progress=False,
+    )
+    return load_base(str(folder / "model")), judge
+
+
+def test_evaluation_prompts_name_the_subject_and_only_the_context():
+    prompts = [subject_prompt(names) for names in EVALUATION_CONTEXTS]
+    assert all(p.startswith("a sks face") for p in prompts) and len(set(prompts)) == len(prompts)
+    assert subject_prompt({"headwear": "hat"}, token=None) == "a face wearing a hat"
+
+
+def test_held_out_identities_are_fixed_and_held_out():
+    identities = held_out_identities(5)
+    assert identities == held_out_identities(5) and all(held_out(i) for i in identities)
+    assert len(set(identities)) == 5
+
+
+def test_obedience_and_personalisation_run_and_report_fractions(toy_world):
+    base, judge = toy_world
+    report = obedience(base, judge, prompts=4, pair_prompts=2, steps=2, progress=False)
+    for key in ("context_shown", "nameable_traits_shown"):
+        assert report[key] is None or 0 <= report[key] <= 1
+    assert report["pairs"]["prompts"] == 2
+    config = PersonalisationConfig(
+        method="lidb", identities=1, steps=2, images_per_prompt=1, sampling_steps=2
+    )
+    result = personalisation(base, judge, config, progress=False)
+    row = result["identities"][0]
+    assert row["stored_bytes"] > 0 and set(row["personalised"]) == {"identity", "hidden", "prompt"}
+    assert all(0 <= v <= 1 for side in result["summary"].values() for v in side.values())
