@@ -62,3 +62,15 @@ def test_obedience_and_personalisation_run_and_report_fractions(toy_world):
     row = result["identities"][0]
     assert row["stored_bytes"] > 0 and set(row["personalised"]) == {"identity", "hidden", "prompt"}
     assert all(0 <= v <= 1 for side in result["summary"].values() for v in side.values())
+
+
+def test_the_demo_fast_path_writes_a_grid_and_scores(toy_world, tmp_path, capsys):
+    from hyperbooth.demo import run_demo
+
+    base, judge = toy_world
+    report = run_demo(
+        tmp_path, steps=2, base_spec=base.name, images_per_prompt=1, sampling_steps=2, judge=judge
+    )
+    assert (tmp_path / "grid.png").is_file() and (tmp_path / "demo.json").is_file()
+    assert report["adapter_bytes"] > 0 and 0 <= report["scores"]["identity"] <= 1
+    assert "identity" in capsys.readouterr().out

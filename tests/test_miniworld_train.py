@@ -47,6 +47,7 @@ def test_toy_run_exports_a_loadable_diffusers_folder(tmp_path):
     losses = json.loads((tmp_path / "work" / "losses.json").read_text())
     assert len(losses["vae"]) == 2 and len(losses["denoiser"]) == 3
     assert (tmp_path / "work" / "samples" / "000003.png").is_file()
+    assert (tmp_path / "work" / "loss.png").is_file()
 
     # Rerunning with more steps resumes from the checkpoints instead of starting over.
     config.write_text(json.dumps({**TOY, "denoiser_steps": 4}))

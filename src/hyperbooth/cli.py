@@ -29,7 +29,7 @@ verbs:
   train     fit a subject with dreambooth, lora or lidb and save the result
   generate  draw prompts with a base and any adapters into a PNG grid (+ JSON)
   export    convert a hyperbooth adapter to diffusers' or kohya's LoRA format
-  demo      personalise a built-in model end to end and write a picture
+  demo      personalise the built-in mini model from one image, draw and score it
 
 A base (--base) is a diffusers folder, a Hugging Face hub id already in the local cache,
 or a built-in: tiny-random (tests), sd15-arch (SD1.5 shapes, random weights).
@@ -283,10 +283,10 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    """Personalise a built-in model end to end."""
+    """Personalise `mini` from one image of a face it never saw, draw it in new prompts, score it."""
     from hyperbooth.demo import run_demo
 
-    run_demo(Path(args.out), steps=args.steps)
+    run_demo(Path(args.out), steps=args.steps, base_spec=args.base)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -401,7 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="end-to-end run on a built-in model", description=cmd_demo.__doc__
     )
     p.add_argument("--out", default="demo-output")
-    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--steps", type=int, default=300, help="LiDB training steps")
+    p.add_argument("--base", default="mini", help="a miniature-world model (default: mini)")
     p.set_defaults(func=cmd_demo)
     return parser
 

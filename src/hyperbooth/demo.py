@@ -1,7 +1,7 @@
-"""`hyperbooth demo`: personalise a built-in base end to end and write a picture.
+"""`hyperbooth demo`: personalise `mini` from one image of an unseen face, draw it, score it.
 
-Until the miniature world ships a trained base, the demo runs on `tiny-random`, whose weights
-are random: every stage runs for real, but the pictures are noise.
+The reference is a render of a held-out identity (no training set contains it), shipped with the
+package together with its traits, so the judges can say how much of the face the pictures keep.
 """
 
 from __future__ import annotations
@@ -10,91 +10,117 @@ import json
 import time
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from hyperbooth.adapters.config import AdapterConfig
-from hyperbooth.bases import load_base
+from hyperbooth.atomic import write_text
+from hyperbooth.bases import MINI, load_base
 from hyperbooth.generate import generate_images, image_grid
 from hyperbooth.images import save_png
 from hyperbooth.methods import SubjectConfig, personalise
+from hyperbooth.miniworld.judges import Judge
 from hyperbooth.training import TrainConfig
 
-DEMO_BASE = "tiny-random"
-DEMO_PROMPTS = (
-    "a sks face",
-    "a sks face wearing a hat",
-    "a sks face as a pencil sketch",
-    "a sks face on a red background",
+DATA = Path(__file__).parent / "data"
+REFERENCE_IMAGE = DATA / "demo_reference.png"
+REFERENCE_INFO = DATA / "demo_reference.json"
+DEMO_METHOD = "lidb"
+DEMO_CONTEXTS: tuple[dict[str, str], ...] = (
+    {"headwear": "hat"},
+    {"style": "pencil sketch"},
+    {"background_colour": "red", "background_pattern": "stripes"},
+    {"headwear": "crown", "style": "flat cartoon"},
 )
 
 
-def reference_face(size: int = 64) -> Image.Image:
-    """A simple drawn face, the demo's subject (deterministic)."""
-    image = Image.new("RGB", (size, size), (120, 170, 220))
-    draw = ImageDraw.Draw(image)
-    s = size / 64
-    draw.ellipse((16 * s, 8 * s, 48 * s, 56 * s), fill=(238, 196, 160))
-    draw.ellipse((16 * s, 4 * s, 48 * s, 24 * s), fill=(120, 60, 20))
-    for x in (24, 36):
-        draw.ellipse((x * s, 26 * s, (x + 5) * s, 31 * s), fill=(40, 90, 160))
-    draw.arc(
-        (24 * s, 34 * s, 40 * s, 48 * s), 20, 160, fill=(150, 40, 40), width=max(1, int(2 * s))
-    )
-    return image
+def write_reference(folder: Path = DATA) -> None:
+    """Render the demo's reference (the first held-out identity) and its traits into folder."""
+    from hyperbooth.miniworld.evaluate import REFERENCE_CONTEXT, held_out_identities
+    from hyperbooth.miniworld.render import render
+
+    identity = held_out_identities(1)[0]
+    save_png(render(identity, REFERENCE_CONTEXT, 0), folder / REFERENCE_IMAGE.name)
+    info = {
+        "identity_index": identity.index,
+        "traits": identity.names(),
+        "context": REFERENCE_CONTEXT.names(),
+        "made_by": "python -c 'from hyperbooth.demo import write_reference; write_reference()'",
+    }
+    write_text(folder / REFERENCE_INFO.name, json.dumps(info, indent=2))
 
 
-def run_demo(out_dir: Path, steps: int = 60) -> dict:
-    """Load, personalise with LiDB, generate, and report time per stage and adapter size."""
+def run_demo(
+    out_dir: Path,
+    steps: int = 300,
+    base_spec: str = MINI,
+    images_per_prompt: int = 3,
+    sampling_steps: int = 20,
+    judge: Judge | None = None,
+) -> dict:
+    """Load, personalise with LiDB, generate, judge; report time per stage, size and scores."""
+    from hyperbooth.miniworld.evaluate import context_indices, subject_prompt
+    from hyperbooth.miniworld.judges import identity_score, prompt_score
+    from hyperbooth.miniworld.render import Identity
+
     out_dir.mkdir(parents=True, exist_ok=True)
     times: dict[str, float] = {}
     started = time.perf_counter()
-    base = load_base(DEMO_BASE)
+    base = load_base(base_spec)
+    judge = judge or Judge.load()
     times["load"] = time.perf_counter() - started
 
-    reference = reference_face().resize((base.resolution,) * 2, Image.Resampling.LANCZOS)
+    reference = Image.open(REFERENCE_IMAGE).convert("RGB")
+    subject = Identity.from_index(json.loads(REFERENCE_INFO.read_text())["identity_index"])
     save_png(reference, out_dir / "reference.png")
-    adapter = AdapterConfig(kind="lidb")
     result = personalise(
         base,
         [reference],
         out_dir,
-        "lidb",
+        DEMO_METHOD,
         SubjectConfig(token="sks", class_name="face"),
-        adapter,
-        TrainConfig(steps=steps, device="cpu"),
+        AdapterConfig(kind=DEMO_METHOD),
+        TrainConfig(steps=steps),
     )
     times["personalise"] = result.seconds
 
+    prompts = [subject_prompt(names) for names in DEMO_CONTEXTS]
     started = time.perf_counter()
-    rows = generate_images(base, list(DEMO_PROMPTS), n=3, seed=0, steps=20)
+    rows = generate_images(base, prompts, n=images_per_prompt, seed=0, steps=sampling_steps)
     times["generate"] = time.perf_counter() - started
     grid = out_dir / "grid.png"
-    save_png(image_grid(rows, labels=list(DEMO_PROMPTS), cell=96, reference=reference), grid)
+    save_png(image_grid(rows, labels=prompts, cell=128, reference=reference), grid)
 
+    identity, hidden, prompt = [], [], []
+    for names, images in zip(DEMO_CONTEXTS, rows, strict=True):
+        for reading in judge.read(images):
+            total, hidden_share = identity_score(subject, reading.identity)
+            identity.append(total)
+            hidden.append(hidden_share)
+            prompt.append(prompt_score(context_indices(names), reading.context))
     report = {
-        "base": DEMO_BASE,
-        "method": "lidb",
+        "base": base_spec,
+        "method": DEMO_METHOD,
+        "steps": steps,
         "adapter_file": str(result.output),
         "adapter_bytes": result.output.stat().st_size,
-        "trainable_parameters": sum(t.numel() for t in result_tensors(result.output)),
         "seconds": {k: round(v, 2) for k, v in times.items()},
+        "scores": {
+            "identity": sum(identity) / len(identity),
+            "hidden_traits": sum(hidden) / len(hidden),
+            "prompt": sum(prompt) / len(prompt),
+        },
         "grid": str(grid),
-        "note": "tiny-random has random weights: the pipeline is real, the pictures are noise",
     }
-    (out_dir / "demo.json").write_text(json.dumps(report, indent=2))
+    write_text(out_dir / "demo.json", json.dumps(report, indent=2))
     print()
-    print(f"demo on {DEMO_BASE} (random weights: the pictures are noise, the pipeline is real)")
+    print(f"demo: {DEMO_METHOD} on {base_spec}, one reference image of a face it never saw")
     for stage, seconds in report["seconds"].items():
         print(f"  {stage:<12} {seconds:8.2f} s")
+    print(f"  adapter      {report['adapter_bytes']:,} bytes ({result.output})")
+    scores = report["scores"]
     print(
-        f"  adapter      {report['adapter_bytes']:,} bytes, {report['trainable_parameters']:,} numbers"
+        f"  scores       identity {scores['identity']:.2f} (hidden traits "
+        f"{scores['hidden_traits']:.2f}), prompt {scores['prompt']:.2f}  [1.0 is perfect]"
     )
-    print(f"  grid         {grid} (reference, then the subject in {len(DEMO_PROMPTS)} prompts)")
+    print(f"  grid         {grid} (the reference, then the subject in {len(prompts)} prompts)")
     return report
-
-
-def result_tensors(path: Path) -> list:
-    """The tensors stored in an adapter file."""
-    from safetensors.torch import load_file
-
-    return list(load_file(str(path)).values())

@@ -359,6 +359,30 @@ def export(base: Base, folder: Path, config: MiniConfig, report: dict) -> None:
     )
 
 
+def plot_losses(losses: dict[str, list[float]], path: Path) -> None:
+    """The loss curve of each stage (raw and smoothed over 50 steps), as one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    figure, axes = pyplot.subplots(1, len(losses), figsize=(5 * len(losses), 3.5))
+    for axis, (stage, values) in zip(np.atleast_1d(axes), losses.items(), strict=True):
+        steps = np.arange(1, len(values) + 1)
+        axis.plot(steps, values, color="0.8", linewidth=0.5, label="per step")
+        if len(values) >= 50:
+            smooth = np.convolve(values, np.ones(50) / 50, mode="valid")
+            axis.plot(steps[49:], smooth, color="C0", label="mean of 50")
+        axis.set_yscale("log")
+        axis.set_xlabel("step")
+        axis.set_title({"vae": "VAE reconstruction MSE", "denoiser": "diffusion loss"}[stage])
+        axis.legend()
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    pyplot.close(figure)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run every stage (each resumes from --work) and export the model to --out."""
     parser = argparse.ArgumentParser(
@@ -393,7 +417,9 @@ def main(argv: list[str] | None = None) -> None:
         "vae_test_mse": vae_test_mse,
         "denoiser_final_loss": float(np.mean(denoiser_losses[-100:])),
     }
-    write_text(work / "losses.json", json.dumps({"vae": vae_losses, "denoiser": denoiser_losses}))
+    losses = {"vae": vae_losses, "denoiser": denoiser_losses}
+    write_text(work / "losses.json", json.dumps(losses))
+    plot_losses(losses, work / "loss.png")
     export(base, Path(args.out), config, report)
     print(json.dumps(report, indent=2))
 
