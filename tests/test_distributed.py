@@ -69,7 +69,9 @@ def test_two_processes_keep_identical_weights(tmp_path):
 def test_accelerate_launch_runs_the_cli_unchanged(tmp_path):
     Image.new("RGB", (32, 32), (10, 200, 30)).save(tmp_path / "me.png")
     launcher = os.path.join(os.path.dirname(sys.executable), "accelerate")
-    cmd = [launcher, "launch", "--num_processes", "2", "--cpu", "--num_machines", "1"]
+    # --multi_gpu picks accelerate's torchrun launcher; without a GPU it runs gloo CPU processes.
+    # (--cpu would run a single process: accelerate's simple launcher.)
+    cmd = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
     cmd += [
         "--mixed_precision",
         "no",
@@ -92,3 +94,4 @@ def test_accelerate_launch_runs_the_cli_unchanged(tmp_path):
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "run" / "adapter.safetensors").is_file()
+    assert '"processes": 2' in result.stdout  # two data-parallel processes really ran

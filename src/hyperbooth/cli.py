@@ -29,10 +29,13 @@ verbs:
   train     fit a subject with dreambooth, lora or lidb and save the result
   generate  draw prompts with a base and any adapters into a PNG grid (+ JSON)
   export    convert a hyperbooth adapter to diffusers' or kohya's LoRA format
+  precompute  fit one LiDB per identity image, K at a time (HyperDreamBooth's training set)
+  train-hypernet  train the hypernetwork on images and their pre-optimised LiDBs
   demo      personalise the built-in mini model from one image, draw and score it
 
 A base (--base) is a diffusers folder, a Hugging Face hub id already in the local cache,
-or a built-in: tiny-random (tests), sd15-arch (SD1.5 shapes, random weights).
+or a built-in: mini (the miniature world's trained model), tiny-random (tests),
+sd15-arch (SD1.5 shapes, random weights).
 Run `hyperbooth VERB --help` for each verb's flags."""
 
 
@@ -195,6 +198,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         "seconds": {"load": round(loaded - started, 2), "train": round(result.seconds, 2)},
         "final_loss": result.losses[-1] if result.losses else None,
         "bytes": _size(result.output),
+        "processes": result.processes,
     }
     print(json.dumps(summary, indent=2) if args.json else _lines(summary))
 
@@ -280,6 +284,92 @@ def cmd_export(args: argparse.Namespace) -> None:
         base = load_base(args.base)
     path = export_adapter(args.adapter, args.format, args.out, base)
     print(f"wrote {path}")
+
+
+def cmd_precompute(args: argparse.Namespace) -> None:
+    """Fit one LiDB per image in --images (its stem names the identity), K identities per step.
+
+    Rerunning skips finished identities, so an interrupted run is resumed by running it again.
+    Shard over processes or machines with accelerate, e.g.
+    `accelerate launch --multi_gpu --num_processes 2 -m hyperbooth.cli precompute ...`
+    (--multi_gpu selects accelerate's torchrun launcher; on CPUs it runs gloo processes).
+    """
+    from hyperbooth.bases import load_base
+    from hyperbooth.hypernet.precompute import PrecomputeConfig, precompute
+    from hyperbooth.training import TrainConfig, make_accelerator
+
+    config = PrecomputeConfig(
+        adapter=_adapter_config(args, "lidb"),
+        identities_per_step=args.identities_per_step,
+        steps=args.steps,
+        learning_rate=args.lr,
+        prompt=args.prompt,
+        seed=args.seed,
+        mixed_precision=args.mixed_precision,
+    )
+    accelerator = make_accelerator(
+        TrainConfig(device=args.device, mixed_precision=args.mixed_precision)
+    )
+    base = load_base(args.base, dtype=_dtype(args.base_dtype or "float32"))
+    manifest = precompute(base, args.images, args.out, config, accelerator)
+    if accelerator.is_main_process:
+        done, run = len(manifest["identities"]), manifest["last_run"]
+        print(
+            f"{done} identities in {args.out} (complete: {manifest['complete']}); this process "
+            f"fitted {run['identities_fitted_by_this_process']} in {run['seconds']:.1f} s"
+        )
+
+
+def cmd_train_hypernet(args: argparse.Namespace) -> None:
+    """Train the HyperDreamBooth hypernetwork on identity images and their pre-optimised LiDBs.
+
+    Data parallel under `accelerate launch`; --checkpoint-every and --resume as for `train`.
+    """
+    import torch
+
+    from hyperbooth.adapters.files import read_adapter
+    from hyperbooth.adapters.inject import target_layers
+    from hyperbooth.bases import load_base
+    from hyperbooth.hypernet.model import HyperNetConfig, HyperNetwork
+    from hyperbooth.hypernet.train import HyperLossConfig, HyperNetTraining, load_identity_set
+    from hyperbooth.training import TrainConfig, make_accelerator, train
+
+    train_config = TrainConfig(
+        steps=args.steps,
+        learning_rate=args.lr,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        mixed_precision=args.mixed_precision,
+        checkpoint_every=args.checkpoint_every,
+        device=args.device,
+    )
+    accelerator = make_accelerator(train_config)
+    base = load_base(args.base, dtype=_dtype(args.base_dtype or "float32"))
+    base.to(accelerator.device)
+    data = load_identity_set(base, args.images, args.precomputed)
+    first = sorted(Path(args.precomputed).glob("*.safetensors"))[0]
+    adapter = read_adapter(first).config
+    config = HyperNetConfig(
+        adapter=adapter,
+        encoder=args.encoder,
+        train_encoder=args.train_encoder,
+        image_size=args.image_size or base.resolution,
+        width=args.width,
+        decoder_layers=args.decoder_layers,
+        iterations=args.iterations,
+    )
+    layers = {key: tuple(layer.weight.shape) for key, layer in target_layers(base, adapter).items()}
+    torch.manual_seed(args.seed)  # the hypernetwork's initial weights
+    hypernet = HyperNetwork(config, layers).to(accelerator.device)
+    loss = HyperLossConfig(alpha=args.alpha, beta=args.beta, prompt=args.prompt)
+    method = HyperNetTraining(base, hypernet, data, loss, args.batch_size)
+    run_info = {"hypernet": json.loads(config.to_json()), "loss": vars(loss).copy()}
+    result = train(method, train_config, args.out, accelerator, args.resume, run_info)
+    if accelerator.is_main_process:
+        print(
+            f"trained on {len(data.names)} identities in {result.seconds:.1f} s; "
+            f"wrote {result.output}"
+        )
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -396,6 +486,63 @@ def build_parser() -> argparse.ArgumentParser:
         "--base", default=None, help="optional: first check that the adapter fits this base"
     )
     p.set_defaults(func=cmd_export)
+
+    p = verbs.add_parser(
+        "precompute",
+        help="fit one LiDB per identity image (HyperDreamBooth's training set)",
+        description=cmd_precompute.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _base_flags(p)
+    p.add_argument("--images", required=True, help="folder of identity images, one per identity")
+    p.add_argument("--out", required=True, help="folder for <identity>.safetensors + manifest.json")
+    p.add_argument(
+        "--identities-per-step", type=int, default=8, help="K: identities fitted in one batch"
+    )
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--prompt", default="a sks face", help="the prompt every identity is fitted to")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mixed-precision", choices=PRECISIONS, default="no")
+    _adapter_flags(p)
+    p.set_defaults(func=cmd_precompute)
+
+    p = verbs.add_parser(
+        "train-hypernet",
+        help="train the hypernetwork (after precompute)",
+        description=cmd_train_hypernet.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _base_flags(p)
+    p.add_argument("--images", required=True, help="the folder given to precompute")
+    p.add_argument("--precomputed", required=True, help="precompute's --out folder")
+    p.add_argument("--out", required=True, help="output folder (hypernet/ + checkpoint/)")
+    p.add_argument(
+        "--encoder",
+        default="scratch-vit",
+        help="scratch-vit (a small ViT trained from scratch) or a transformers vision model "
+        "name / local folder (ViT, CLIP, DINOv2)",
+    )
+    p.add_argument(
+        "--train-encoder", action="store_true", help="fine-tune a pretrained encoder too"
+    )
+    p.add_argument(
+        "--image-size", type=int, default=None, help="encoder input side (default: base's)"
+    )
+    p.add_argument("--width", type=int, default=256)
+    p.add_argument("--decoder-layers", type=int, default=2)
+    p.add_argument("--iterations", type=int, default=4, help="K refinement steps")
+    p.add_argument("--alpha", type=float, default=1.0, help="weight of the diffusion loss")
+    p.add_argument("--beta", type=float, default=1.0, help="weight of the weight-space L2 loss")
+    p.add_argument("--prompt", default="a sks face")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=None, help="default 1e-4")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mixed-precision", choices=PRECISIONS, default="no")
+    p.add_argument("--checkpoint-every", type=int, default=0)
+    p.add_argument("--resume", action="store_true")
+    p.set_defaults(func=cmd_train_hypernet)
 
     p = verbs.add_parser(
         "demo", help="end-to-end run on a built-in model", description=cmd_demo.__doc__

@@ -50,6 +50,19 @@ def diffusion_loss(
     timesteps = torch.randint(
         0, scheduler.config.num_train_timesteps, (batch,), generator=generator
     ).to(latents.device)
+    return noised_loss(unet, scheduler, latents, encoder_hidden_states, noise, timesteps, reduce)
+
+
+def noised_loss(
+    unet: nn.Module,
+    scheduler: SchedulerMixin,
+    latents: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
+    reduce: bool = True,
+) -> torch.Tensor:
+    """The diffusion loss for given noise and timesteps (mean, or per batch element)."""
     noisy = scheduler.add_noise(latents, noise, timesteps)
     # A base stored in half precision takes half-precision inputs; the loss stays float32.
     dtype = next(unet.parameters()).dtype

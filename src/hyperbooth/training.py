@@ -198,6 +198,7 @@ class TrainResult:
     seconds: float
     losses: list[float] = field(default_factory=list)
     step_seconds: list[float] = field(default_factory=list)  # wall time of each optimizer step
+    processes: int = 1  # data-parallel processes that ran the steps
 
 
 def train(
@@ -281,4 +282,4 @@ def train(
         output = method.save(out_dir)
         save_checkpoint(out_dir, config.steps, trainable, optimizer, run_info)
     accelerator.wait_for_everyone()
-    return TrainResult(output, config.steps, seconds, losses, step_seconds)
+    return TrainResult(output, config.steps, seconds, losses, step_seconds, world)

@@ -77,6 +77,11 @@ def save_adapter(
     adapter: Adapter, path: str | Path, base_name: str = "", info: dict | None = None
 ) -> None:
     """Save an adapter's trainable tensors with its config and base fingerprint."""
+    atomic_save_safetensors(adapter.state_dict(), path, adapter_metadata(adapter, base_name, info))
+
+
+def adapter_metadata(adapter: Adapter, base_name: str = "", info: dict | None = None) -> dict:
+    """The safetensors metadata of an adapter file: config, fingerprint, aux checksum, shapes."""
     meta = {
         "format": FORMAT,
         "config": json.loads(adapter.config.to_json()),
@@ -87,7 +92,7 @@ def save_adapter(
         # (out, in) per layer, in key order: enough to rebuild LiDB bases without the base model.
         "layer_shapes": [list(layer.weight.shape) for layer in adapter.layers.values()],
     }
-    atomic_save_safetensors(adapter.state_dict(), path, {METADATA_KEY: json.dumps(meta)})
+    return {METADATA_KEY: json.dumps(meta)}
 
 
 def read_adapter(path: str | Path) -> AdapterFile:

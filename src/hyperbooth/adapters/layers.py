@@ -88,10 +88,12 @@ class LoRAWeights(AdapterWeights):
         lead = (n_samples,) if n_samples else ()
         # peft's initialisation (kaiming-uniform down, zero up), drawn from the layer's own seed
         # so that a run is reproducible whatever the global RNG state.
+        # Every per-sample set starts where a single adapter would: fitting K subjects at once
+        # is then the same as fitting each alone.
         generator = torch.Generator().manual_seed(seed)
         bound = 1.0 / math.sqrt(in_features)
-        down = (torch.rand(*lead, rank, in_features, generator=generator) * 2 - 1) * bound
-        self.lora_down = nn.Parameter(down)
+        down = (torch.rand(rank, in_features, generator=generator) * 2 - 1) * bound
+        self.lora_down = nn.Parameter(down.repeat(*lead, 1, 1))
         self.lora_up = nn.Parameter(torch.zeros(*lead, out_features, rank))
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,9 +130,8 @@ class LiDBWeights(AdapterWeights):
         # Unit-norm aux rows: A_train ~ N(0, 1/a) gives down rows of norm ~1; B_train = 0 so the
         # adapter starts as a no-op.
         generator = torch.Generator().manual_seed(seed + 2)
-        self.lidb_a_train = nn.Parameter(
-            torch.randn(*lead, rank, a, generator=generator) / math.sqrt(a)
-        )
+        a_train = torch.randn(rank, a, generator=generator) / math.sqrt(a)
+        self.lidb_a_train = nn.Parameter(a_train.repeat(*lead, 1, 1))  # per-sample: same start
         self.lidb_b_train = nn.Parameter(torch.zeros(*lead, b, rank))
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,1 @@
+"""HyperDreamBooth: pre-optimised LiDB weights, the hypernetwork, and fast fine-tuning."""

@@ -1,0 +1,246 @@
+"""Pre-optimisation (METHOD 3.2): fit one LiDB per identity image, K identities per step.
+
+The hypernetwork learns to predict these fitted weights. Each batch element carries its own
+LiDB (the per-sample adapter path), so the frozen model's forward and backward are shared by K
+identities. Every identity draws its own noise and timesteps from a seed of its name, and the
+loss is a sum of per-identity losses with no cross-identity clipping, so identity i's weights
+are the same whether it was fitted alone or beside others (up to float rounding).
+
+Robust to being killed: each identity's file is written atomically, a rerun skips finished ones,
+and processes under `accelerate launch` split the remaining identities between them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from hyperbooth.adapters.config import AdapterConfig
+from hyperbooth.adapters.files import METADATA_KEY, adapter_metadata, atomic_save_safetensors
+from hyperbooth.adapters.inject import add_adapter
+from hyperbooth.atomic import write_text
+from hyperbooth.diffusion import noised_loss, sample_latents
+from hyperbooth.errors import HyperboothError
+from hyperbooth.images import collect_images, load_image
+from hyperbooth.methods.common import encode_images, token_ids
+from hyperbooth.training import autocast
+
+MANIFEST = "manifest.json"
+SETTINGS = "settings.json"
+_PRECOMPUTE = "precompute"  # the adapter's name inside the base while it trains
+
+
+def _lidb() -> AdapterConfig:
+    return AdapterConfig(kind="lidb")
+
+
+@dataclass
+class PrecomputeConfig:
+    """How each identity's LiDB is fitted; identical settings give identical files."""
+
+    adapter: AdapterConfig = field(default_factory=_lidb)
+    identities_per_step: int = 8  # K: batch elements, each with its own LiDB
+    steps: int = 200
+    learning_rate: float = 1e-3
+    prompt: str = "a sks face"
+    seed: int = 0
+    mixed_precision: str = "no"
+
+    def __post_init__(self) -> None:
+        if self.identities_per_step < 1 or self.steps < 1:
+            raise HyperboothError("--identities-per-step and --steps must be >= 1")
+
+    def settings(self) -> dict:
+        """What must match for two runs' files to belong to one set (K does not matter)."""
+        data = asdict(self)
+        data.pop("identities_per_step")
+        return json.loads(json.dumps(data))  # as stored: tuples become lists
+
+
+def identity_names(paths: list[Path]) -> list[str]:
+    """Each image's identity name (its file stem); two images with one stem are an error."""
+    names = [path.stem for path in paths]
+    seen: dict[str, Path] = {}
+    for name, path in zip(names, paths, strict=True):
+        if name in seen:
+            raise HyperboothError(
+                f"two images share the identity name {name!r} ({seen[name]}, {path}); "
+                "rename one: each file's stem names its identity"
+            )
+        seen[name] = path
+    return names
+
+
+def _identity_seed(seed: int, name: str, step: int) -> int:
+    """A seed for one identity's noise at one step (independent of K and of its chunk)."""
+    digest = hashlib.sha256(f"{seed}/{name}/{step}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def _sha256(path: Path) -> str:
+    """The hex SHA-256 of a file's bytes."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _check_settings(out_dir: Path, settings: dict, accelerator: Accelerator) -> None:
+    """Write settings.json on a first run; refuse to mix files fitted with other settings."""
+    path = out_dir / SETTINGS
+    if path.is_file():
+        stored = json.loads(path.read_text())
+        if stored != settings:
+            changed = sorted(k for k in settings if stored.get(k) != settings[k])
+            raise HyperboothError(
+                f"{out_dir} holds identities fitted with other settings (differs in "
+                f"{', '.join(changed) or 'keys'}); pass a new --out or the same settings"
+            )
+    elif accelerator.is_main_process:
+        write_text(path, json.dumps(settings, indent=2))
+    accelerator.wait_for_everyone()
+
+
+def fit_chunk(
+    base: object,
+    names: list[str],
+    paths: list[Path],
+    config: PrecomputeConfig,
+    device: torch.device,
+) -> tuple[dict[str, dict[str, torch.Tensor]], list[float], dict]:
+    """Fit one LiDB per image in a single batch; (tensors by identity, final losses, metadata)."""
+    images = [load_image(path, base.resolution) for path in paths]
+    mean, std = encode_images(base, images, device)  # (K, C, h, w) each
+    ids = token_ids(base, config.prompt).to(device).expand(len(names), -1)
+    adapter = add_adapter(base, config.adapter, name=_PRECOMPUTE, n_samples=len(names))
+    try:
+        params = adapter.parameters()
+        # A fresh optimiser per chunk; AdamW is elementwise, so identities never interact.
+        optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
+        num_timesteps = base.scheduler.config.num_train_timesteps
+        losses = torch.zeros(len(names))
+        for step in range(config.steps):
+            latents, noise, timesteps = [], [], []
+            for i, name in enumerate(names):
+                generator = torch.Generator().manual_seed(_identity_seed(config.seed, name, step))
+                latents.append(sample_latents(mean[i : i + 1], std[i : i + 1], generator))
+                noise.append(torch.randn(latents[-1].shape, generator=generator))
+                timesteps.append(torch.randint(0, num_timesteps, (1,), generator=generator))
+            with autocast(device, config.mixed_precision):
+                hidden = base.text_encoder(ids)[0]
+                per_identity = noised_loss(
+                    base.unet,
+                    base.scheduler,
+                    torch.cat(latents),
+                    hidden,
+                    torch.cat(noise).to(device),
+                    torch.cat(timesteps).to(device),
+                    reduce=False,
+                )
+            # A sum: identity i's gradient is exactly the gradient of its own loss.
+            per_identity.sum().backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses = per_identity.detach().float().cpu()
+        tensors = {
+            name: {key: value[i].clone() for key, value in adapter.state_dict().items()}
+            for i, name in enumerate(names)
+        }
+        metadata = adapter_metadata(adapter, base_name=getattr(base, "name", ""))
+    finally:
+        adapter.remove()
+    return tensors, losses.tolist(), metadata
+
+
+def _with_info(metadata: dict, info: dict) -> dict:
+    """The adapter metadata with this identity's info filled in."""
+    meta = json.loads(metadata[METADATA_KEY])
+    meta["info"] = info
+    return {METADATA_KEY: json.dumps(meta)}
+
+
+def precompute(
+    base: object,
+    images: str | Path,
+    out_dir: str | Path,
+    config: PrecomputeConfig,
+    accelerator: Accelerator | None = None,
+    progress: bool = True,
+) -> dict:
+    """Fit every identity in `images` not yet in out_dir; returns (and writes) the manifest."""
+    accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = collect_images(images)
+    names = identity_names(paths)
+    _check_settings(out_dir, config.settings(), accelerator)
+    todo = [(n, p) for n, p in zip(names, paths, strict=True) if not _file(out_dir, n).is_file()]
+    mine = todo[accelerator.process_index :: accelerator.num_processes]
+    base.to(accelerator.device)
+    k = config.identities_per_step
+    chunks = [mine[start : start + k] for start in range(0, len(mine), k)]
+    bar = tqdm(
+        total=len(mine),
+        desc=f"precompute [{accelerator.process_index}]",
+        disable=not progress,
+        position=accelerator.process_index,
+    )
+    started = time.perf_counter()
+    for chunk in chunks:
+        chunk_names, chunk_paths = [n for n, _ in chunk], [p for _, p in chunk]
+        fitted, losses, metadata = fit_chunk(
+            base, chunk_names, chunk_paths, config, accelerator.device
+        )
+        for name, path, loss in zip(chunk_names, chunk_paths, losses, strict=True):
+            info = {
+                "identity": name,
+                "image": path.name,
+                "image_sha256": _sha256(path),
+                "final_loss": loss,
+                "settings": config.settings(),
+            }
+            atomic_save_safetensors(fitted[name], _file(out_dir, name), _with_info(metadata, info))
+        bar.update(len(chunk))
+    bar.close()
+    seconds = time.perf_counter() - started
+    accelerator.wait_for_everyone()
+    manifest = _manifest(out_dir, names, config, seconds, len(mine))
+    if accelerator.is_main_process:
+        write_text(out_dir / MANIFEST, json.dumps(manifest, indent=2))
+    accelerator.wait_for_everyone()
+    return manifest
+
+
+def _file(out_dir: Path, name: str) -> Path:
+    """Where identity `name`'s adapter goes."""
+    return out_dir / f"{name}.safetensors"
+
+
+def _manifest(
+    out_dir: Path, names: list[str], config: PrecomputeConfig, seconds: float, fitted: int
+) -> dict:
+    """What out_dir holds: every finished identity with its image hash and final loss."""
+    identities = {}
+    for name in names:
+        path = _file(out_dir, name)
+        if path.is_file():
+            with safe_open(str(path), framework="pt") as f:
+                info = json.loads(f.metadata()[METADATA_KEY])["info"]
+            identities[name] = {
+                "file": path.name,
+                "image": info["image"],
+                "image_sha256": info["image_sha256"],
+                "final_loss": info["final_loss"],
+            }
+    return {
+        "settings": config.settings(),
+        "identities": identities,
+        "complete": len(identities) == len(names),
+        # This process's share of the last run (each process fits about the same number).
+        "last_run": {"identities_fitted_by_this_process": fitted, "seconds": seconds},
+    }

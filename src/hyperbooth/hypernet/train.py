@@ -1,0 +1,185 @@
+"""Training the hypernetwork (METHOD 3.2) in the shared loop: checkpoints, exact resume, data parallel.
+
+Loss for a batch of identity images x with pre-optimised LiDB weights theta*:
+
+    alpha * diffusion_loss(base + LiDB(theta_hat(x)), x, "a sks face") + beta * mean((theta_hat - theta*)^2)
+
+Each batch element runs the frozen base with its own predicted LiDB (the per-sample adapter
+path, with the predicted tensors passed in by torch.func.functional_call so gradients reach the
+hypernetwork). Both terms are logged; beta = 0 is allowed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from hyperbooth.adapters.files import check_fits, read_adapter
+from hyperbooth.adapters.inject import add_adapter
+from hyperbooth.atomic import write_text
+from hyperbooth.diffusion import diffusion_loss, sample_latents
+from hyperbooth.errors import HyperboothError
+from hyperbooth.hypernet.model import HyperNetwork, save_hypernet
+from hyperbooth.images import load_image, to_tensor
+from hyperbooth.methods.common import encode_images, token_ids
+from hyperbooth.training import StepBatch
+
+HYPERNET_DIR = "hypernet"
+_NAME = "hypernet"  # the per-sample adapter's name inside the base
+
+
+@dataclass
+class HyperLossConfig:
+    """The two terms of the hypernetwork's loss and the prompt they use."""
+
+    alpha: float = 1.0  # diffusion loss with the predicted weights
+    beta: float = 1.0  # mean squared distance to the pre-optimised weights
+    prompt: str = "a sks face"
+
+    def __post_init__(self) -> None:
+        if self.alpha < 0 or self.beta < 0 or self.alpha + self.beta == 0:
+            raise HyperboothError("--alpha and --beta must be >= 0 and not both 0")
+
+
+@dataclass
+class IdentitySet:
+    """Training data: identity images and their pre-optimised LiDB tensors, aligned by index."""
+
+    names: list[str]
+    pixels: torch.Tensor  # (N, 3, H, W) in [-1, 1], the hypernetwork's input
+    latent_mean: torch.Tensor  # (N, C, h, w), VAE posterior * scaling_factor
+    latent_std: torch.Tensor
+    targets: dict[str, torch.Tensor]  # key -> (N, ...) as the adapter stores it
+
+
+def load_identity_set(base: object, images: str | Path, precomputed: str | Path) -> IdentitySet:
+    """Pair each pre-optimised identity in `precomputed` (its manifest) with its image."""
+    images, precomputed = Path(images), Path(precomputed)
+    manifest_path = precomputed / "manifest.json"
+    if not manifest_path.is_file():
+        raise HyperboothError(
+            f"{precomputed} has no manifest.json; run `hyperbooth precompute --out {precomputed}`"
+        )
+    identities = json.loads(manifest_path.read_text())["identities"]
+    if not identities:
+        raise HyperboothError(f"{precomputed} holds no fitted identities")
+    names, pictures, targets = [], [], {}
+    for name, entry in sorted(identities.items()):
+        image = images / entry["image"]
+        if not image.is_file():
+            raise HyperboothError(f"identity {name}: its image {image} is missing from {images}")
+        file = read_adapter(precomputed / entry["file"])
+        check_fits(file, base, precomputed / entry["file"])
+        names.append(name)
+        pictures.append(load_image(image, base.resolution))
+        for key, value in file.tensors.items():
+            targets.setdefault(key, []).append(value)
+    device = next(base.unet.parameters()).device
+    mean, std = encode_images(base, pictures, device)
+    return IdentitySet(
+        names=names,
+        pixels=torch.stack([to_tensor(p) for p in pictures]),
+        latent_mean=mean,
+        latent_std=std,
+        targets={key: torch.stack(values) for key, values in targets.items()},
+    )
+
+
+class _WithParameters(nn.Module):
+    """Call `module` with some of its parameters replaced (gradients flow to the replacements)."""
+
+    def __init__(self, module: nn.Module, replacements: dict[str, torch.Tensor]):
+        super().__init__()
+        self.module = module
+        self.replacements = replacements
+
+    def forward(self, *args, **kwargs):
+        """The module's forward with the replacements in place."""
+        return functional_call(self.module, self.replacements, args, kwargs, strict=False)
+
+
+class HyperNetTraining:
+    """The hypernetwork as a Method of the shared training loop."""
+
+    name = "hypernet"
+    default_learning_rate = 1e-4
+
+    def __init__(
+        self,
+        base: object,
+        hypernet: HyperNetwork,
+        data: IdentitySet,
+        loss: HyperLossConfig,
+        batch_size: int,
+    ):
+        self.base, self.hypernet, self.data, self.config = base, hypernet, data, loss
+        self.batch_size = batch_size
+        missing = set(data.targets) ^ {
+            f"{key}.{part}" for key in hypernet.keys for part in ("lidb_a_train", "lidb_b_train")
+        }
+        if missing:
+            raise HyperboothError(
+                "the pre-optimised weights and the hypernetwork cover different layers "
+                f"(e.g. {sorted(missing)[0]}); precompute with the hypernetwork's adapter config"
+            )
+        self.adapter = add_adapter(base, hypernet.config.adapter, name=_NAME, n_samples=batch_size)
+        for param in self.adapter.parameters():
+            param.requires_grad_(False)  # only placeholders: the hypernetwork supplies the values
+        self.parameter_names = self.adapter.module_parameter_names()
+        self.ids = token_ids(base, loss.prompt)
+        self.log: list[dict[str, float]] = []
+
+    def trainable(self) -> dict[str, nn.Parameter]:
+        """The hypernetwork's trainable tensors (the encoder's too when it trains)."""
+        return {f"hypernet.{k}": p for k, p in self.hypernet.named_parameters() if p.requires_grad}
+
+    def _replacements(self, predicted: dict[str, torch.Tensor], component: str) -> dict:
+        """Predicted tensors under their parameter names inside one component."""
+        return {
+            name: predicted[key]
+            for key, (owner, name) in self.parameter_names.items()
+            if owner == component
+        }
+
+    def loss(self, batch: StepBatch) -> torch.Tensor:
+        """alpha * diffusion loss with predicted weights + beta * weight-space MSE."""
+        if batch.batch_size != self.batch_size:
+            raise HyperboothError(
+                f"the hypernetwork was set up for batch {self.batch_size}, got {batch.batch_size}"
+            )
+        g, data = batch.generator, self.data
+        device = data.latent_mean.device
+        index = torch.randint(0, len(data.names), (batch.batch_size,), generator=g)
+        predicted = self.hypernet(data.pixels[index].to(device))
+        squared = [
+            (predicted[key] - target[index].to(device)).square().sum()
+            for key, target in data.targets.items()
+        ]
+        numbers = sum(t[index].numel() for t in data.targets.values())
+        weight_loss = torch.stack(squared).sum() / numbers
+        total = self.config.beta * weight_loss
+        diffusion = torch.zeros((), device=device)
+        if self.config.alpha > 0:
+            latents = sample_latents(data.latent_mean[index], data.latent_std[index], g)
+            text_encoder = _WithParameters(
+                self.base.text_encoder, self._replacements(predicted, "text_encoder")
+            )
+            hidden = text_encoder(self.ids.to(device).expand(batch.batch_size, -1))[0]
+            unet = _WithParameters(self.base.unet, self._replacements(predicted, "unet"))
+            diffusion = diffusion_loss(unet, self.base.scheduler, latents, hidden, g)
+            total = total + self.config.alpha * diffusion
+        self.log.append({"diffusion": diffusion.item(), "weights": weight_loss.item()})
+        return total
+
+    def save(self, out_dir: Path) -> Path:
+        """Write <out>/hypernet/ (weights + JSON) and the per-step loss terms."""
+        folder = Path(out_dir) / HYPERNET_DIR
+        info = {"loss": asdict(self.config), "identities": len(self.data.names)}
+        save_hypernet(self.hypernet, folder, info)
+        write_text(Path(out_dir) / "loss_terms.json", json.dumps(self.log))
+        return folder
