@@ -31,7 +31,15 @@ def toy_world(tmp_path_factory):
         ["--work", str(folder / "work"), "--out", str(folder / "model"), "--config", str(config)]
     )
     judge = train_judge(
-        JudgeConfig(channels=(4, 8), hidden=16, examples=32, epochs=1, batch=32, eval_examples=8),
+        JudgeConfig(
+            channels=(4, 8),
+            repeats=(1, 1),
+            hidden=16,
+            examples=32,
+            epochs=1,
+            batch=32,
+            eval_examples=8,
+        ),
         progress=False,
     )
     return load_base(str(folder / "model")), judge
@@ -74,3 +82,12 @@ def test_the_demo_fast_path_writes_a_grid_and_scores(toy_world, tmp_path, capsys
     assert (tmp_path / "grid.png").is_file() and (tmp_path / "demo.json").is_file()
     assert report["adapter_bytes"] > 0 and 0 <= report["scores"]["identity"] <= 1
     assert "identity" in capsys.readouterr().out
+
+
+def test_conditioning_gain_reports_both_losses_per_noise_band(toy_world):
+    from hyperbooth.miniworld.evaluate import conditioning_gain
+
+    base, _ = toy_world
+    result = conditioning_gain(base, count=4, bands=2)
+    assert result["band_start"] == [0, 500]
+    assert all(v > 0 for v in result["captioned"] + result["empty"])

@@ -76,7 +76,9 @@ def test_faces_cut_from_pairs_are_whole_squares_without_a_framing_label():
 
 
 def test_a_toy_judge_trains_saves_and_loads_identically(tmp_path):
-    config = JudgeConfig(channels=(4, 8), hidden=16, examples=64, epochs=1, batch=32)
+    config = JudgeConfig(
+        channels=(4, 8), repeats=(1, 1), hidden=16, examples=64, epochs=1, batch=32
+    )
     config.eval_examples = 32
     judge = train_judge(config, progress=False)
     assert set(judge.info["accuracy"]) == set(ATTRIBUTES)

@@ -31,6 +31,7 @@ verbs:
   export    convert a hyperbooth adapter to diffusers' or kohya's LoRA format
   precompute  fit one LiDB per identity image, K at a time (HyperDreamBooth's training set)
   train-hypernet  train the hypernetwork on images and their pre-optimised LiDBs
+  personalize  HyperDreamBooth from one image: predict, merge, rank-relaxed fast fine-tune
   demo      personalise the built-in mini model from one image, draw and score it
 
 A base (--base) is a diffusers folder, a Hugging Face hub id already in the local cache,
@@ -233,7 +234,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     """Draw prompts into a grid PNG plus a JSON of what produced it."""
     import torch
 
-    from hyperbooth.adapters.files import load_adapter
+    from hyperbooth.adapters.files import load_adapters
     from hyperbooth.atomic import write_text
     from hyperbooth.bases import load_base
     from hyperbooth.generate import generate_images, image_grid
@@ -249,7 +250,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     adapters = []
     for spec in args.adapter:
         path, weight = _parse_adapter_arg(spec)
-        load_adapter(path, base, name=f"adapter{len(adapters)}", weight=weight)
+        load_adapters(path, base, name=f"adapter{len(adapters)}", weight=weight)
         adapters.append({"path": str(path), "weight": weight})
     started = time.perf_counter()
     rows = generate_images(
@@ -370,6 +371,53 @@ def cmd_train_hypernet(args: argparse.Namespace) -> None:
             f"trained on {len(data.names)} identities in {result.seconds:.1f} s; "
             f"wrote {result.output}"
         )
+
+
+def cmd_personalize(args: argparse.Namespace) -> None:
+    """HyperDreamBooth from one image: predict a LiDB, merge it, fine-tune a rank-r LoRA on top.
+
+    Writes one adapter file (parts "prediction" and "relaxed") that `generate` loads and
+    `export` turns into one rank-(1 + r) LoRA. Prints the time of each stage.
+    """
+    from hyperbooth.bases import load_base
+    from hyperbooth.hypernet.model import load_hypernet
+    from hyperbooth.hypernet.personalize import PersonalizeConfig, personalize
+    from hyperbooth.images import load_image
+    from hyperbooth.training import TrainConfig, make_accelerator
+
+    config = PersonalizeConfig(
+        use_hypernet=not args.no_hypernet,
+        fine_tune=not args.hypernet_only,
+        iterations=args.iterations,
+        rank=args.rank,
+        steps=args.steps,
+        learning_rate=args.lr,
+        token=args.token,
+        class_name=args.class_name,
+        seed=args.seed,
+        mixed_precision=args.mixed_precision,
+        device=args.device,
+    )
+    started = time.perf_counter()
+    device = make_accelerator(TrainConfig(device=args.device)).device
+    base = load_base(args.base, dtype=_dtype(args.base_dtype or "float32")).to(device)
+    hypernet = None
+    if config.use_hypernet:
+        if not args.hypernet:
+            raise HyperboothError("pass --hypernet FOLDER (or --no-hypernet)")
+        hypernet = load_hypernet(args.hypernet)
+    image = load_image(args.image, base.resolution)
+    loaded = time.perf_counter() - started
+    result = personalize(base, hypernet, image, args.out, config)
+    seconds = {"load": loaded, **result.seconds}
+    summary = {
+        "output": str(result.output),
+        "parts": result.parts,
+        "bytes": result.bytes,
+        "seconds": {stage: round(value, 3) for stage, value in seconds.items()},
+        "total_seconds": round(sum(seconds.values()), 3),
+    }
+    print(json.dumps(summary, indent=2) if args.json else _lines(summary))
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -543,6 +591,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, default=0)
     p.add_argument("--resume", action="store_true")
     p.set_defaults(func=cmd_train_hypernet)
+
+    p = verbs.add_parser(
+        "personalize",
+        help="HyperDreamBooth from one image",
+        description=cmd_personalize.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _base_flags(p)
+    p.add_argument("--hypernet", default=None, help="folder written by train-hypernet (hypernet/)")
+    p.add_argument("--image", required=True, help="one photo of the subject")
+    p.add_argument("--out", required=True, help="adapter file to write (.safetensors)")
+    p.add_argument("--no-hypernet", action="store_true", help="ablation: fine-tune from zero")
+    p.add_argument(
+        "--hypernet-only", action="store_true", help="ablation: the prediction, no fine-tune"
+    )
+    p.add_argument("--iterations", type=int, default=None, help="K (default: the hypernet's)")
+    p.add_argument("--rank", type=int, default=4, help="rank of the relaxed LoRA")
+    p.add_argument("--steps", type=int, default=40, help="fast fine-tune steps")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--token", default="sks")
+    p.add_argument("--class", dest="class_name", default="face")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mixed-precision", choices=PRECISIONS, default="no")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_personalize)
 
     p = verbs.add_parser(
         "demo", help="end-to-end run on a built-in model", description=cmd_demo.__doc__

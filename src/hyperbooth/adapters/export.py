@@ -14,7 +14,12 @@ import torch
 from torch import Tensor
 
 from hyperbooth.adapters.config import COMPONENTS
-from hyperbooth.adapters.files import atomic_save_safetensors, load_adapter, read_adapter
+from hyperbooth.adapters.files import (
+    atomic_save_safetensors,
+    combine_factors,
+    load_adapters,
+    read_adapter_parts,
+)
 from hyperbooth.errors import HyperboothError
 
 EXPORT_FORMATS = ("diffusers", "kohya")
@@ -92,15 +97,19 @@ def export_adapter(
     shape and the LiDB seed); with one, the adapter is first checked to fit that base.
     """
     target = _target_file(fmt, out_path)
+    # A file of several parts (HyperDreamBooth: prediction + relaxed LoRA) exports as one LoRA
+    # whose rank is the sum of theirs.
     if base is None:
-        factors = read_adapter(adapter_path).materialize()
+        parts = read_adapter_parts(adapter_path).values()
+        factors = combine_factors([part.materialize() for part in parts])
     else:
-        adapter = load_adapter(adapter_path, base, name="export")
+        adapters = load_adapters(adapter_path, base, name="export")
         try:
-            factors = adapter.materialize()
+            factors = combine_factors([adapter.materialize() for adapter in adapters])
         finally:
             # Export must not leave the adapter acting inside the caller's base.
-            adapter.remove()
+            for adapter in adapters:
+                adapter.remove()
     tensors = to_diffusers(factors) if fmt == "diffusers" else to_kohya(factors)
     atomic_save_safetensors(tensors, target)
     return target

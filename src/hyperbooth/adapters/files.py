@@ -18,6 +18,7 @@ from hyperbooth.errors import HyperboothError
 
 FORMAT = "hyperbooth.adapter/1"
 METADATA_KEY = "hyperbooth"
+PART_SEPARATOR = "/"  # a multi-part file keys its tensors as part/key
 
 
 def aux_checksum(adapter: Adapter) -> float:
@@ -95,8 +96,8 @@ def adapter_metadata(adapter: Adapter, base_name: str = "", info: dict | None = 
     return {METADATA_KEY: json.dumps(meta)}
 
 
-def read_adapter(path: str | Path) -> AdapterFile:
-    """Read an adapter file (safetensors only) without touching any model."""
+def _read_file(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The hyperbooth metadata and the tensors of an adapter file (safetensors only)."""
     path = Path(path)
     if not path.is_file():
         raise HyperboothError(f"adapter file not found: {path} (check the path)")
@@ -119,6 +120,11 @@ def read_adapter(path: str | Path) -> AdapterFile:
         raise HyperboothError(
             f"{path} has adapter format {meta.get('format')!r}, expected {FORMAT!r}"
         )
+    return meta, tensors
+
+
+def _adapter_file(meta: dict, tensors: dict[str, torch.Tensor]) -> AdapterFile:
+    """One adapter from its metadata and its (unprefixed) tensors."""
     return AdapterFile(
         config=AdapterConfig.from_json(meta["config"]),
         tensors=tensors,
@@ -128,6 +134,67 @@ def read_adapter(path: str | Path) -> AdapterFile:
         info=meta.get("info") or {},
         layer_shapes=_layer_shapes(tensors, meta.get("layer_shapes")),
     )
+
+
+def read_adapter_parts(path: str | Path) -> dict[str, AdapterFile]:
+    """Every adapter a file holds, by part name ("" for an ordinary one-adapter file)."""
+    meta, tensors = _read_file(path)
+    if "parts" not in meta:
+        return {"": _adapter_file(meta, tensors)}
+    parts = {}
+    for part in meta["parts"]:
+        prefix = f"{part['name']}{PART_SEPARATOR}"
+        own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        parts[part["name"]] = _adapter_file(part, own)
+    return parts
+
+
+def read_adapter(path: str | Path) -> AdapterFile:
+    """Read a one-adapter file without touching any model."""
+    parts = read_adapter_parts(path)
+    if len(parts) != 1:
+        raise HyperboothError(
+            f"{path} holds {len(parts)} adapters ({', '.join(parts)}); read it with "
+            "read_adapter_parts or load_adapters"
+        )
+    return next(iter(parts.values()))
+
+
+def save_adapter_parts(
+    parts: dict[str, tuple[Adapter, dict | None]], path: str | Path, base_name: str = ""
+) -> None:
+    """Save adapters that act together (a predicted LiDB + a relaxed LoRA) as one file.
+
+    Tensors are keyed '<part>/<component>.<path>.<parameter>'; each part keeps its own config.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    metas = []
+    for name, (adapter, info) in parts.items():
+        if not name or PART_SEPARATOR in name:
+            raise ValueError(f"a part name must be non-empty, without {PART_SEPARATOR!r}: {name!r}")
+        meta = json.loads(adapter_metadata(adapter, base_name, info)[METADATA_KEY])
+        metas.append({**meta, "name": name})
+        tensors.update({f"{name}{PART_SEPARATOR}{k}": v for k, v in adapter.state_dict().items()})
+    metadata = {METADATA_KEY: json.dumps({"format": FORMAT, "parts": metas})}
+    atomic_save_safetensors(tensors, path, metadata)
+
+
+def combine_factors(
+    factors: list[dict[str, tuple[torch.Tensor, torch.Tensor]]],
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Adapters acting together as one LoRA: per layer, downs stacked by rows, ups by columns.
+
+    (down_1; down_2) and (up_1 | up_2) give up_1 down_1 + up_2 down_2: rank r1 + r2, no SVD.
+    """
+    combined: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for one in factors:
+        for key, (down, up) in one.items():
+            if key in combined:
+                old_down, old_up = combined[key]
+                combined[key] = (torch.cat([old_down, down]), torch.cat([old_up, up], dim=1))
+            else:
+                combined[key] = (down, up)
+    return dict(sorted(combined.items()))
 
 
 def _layer_shapes(tensors: dict[str, torch.Tensor], shapes: list | None) -> dict | None:
@@ -156,13 +223,34 @@ def check_fits(file: AdapterFile, base: object, path: str | Path = "adapter") ->
         )
 
 
+def load_adapters(
+    path: str | Path, base: object, name: str | None = None, weight: float = 1.0
+) -> list[Adapter]:
+    """Inject every adapter a file holds (parts are named <name>_<part>), all at `weight`."""
+    name = name or Path(path).stem
+    loaded: list[Adapter] = []
+    try:
+        for part, file in read_adapter_parts(path).items():
+            loaded.append(_inject(file, path, base, f"{name}_{part}" if part else name, weight))
+    except HyperboothError:
+        for adapter in loaded:
+            adapter.remove()
+        raise
+    return loaded
+
+
 def load_adapter(
     path: str | Path, base: object, name: str | None = None, weight: float = 1.0
 ) -> Adapter:
-    """Read an adapter file and inject it into base under `name` (default: the file stem)."""
-    file = read_adapter(path)
+    """Read a one-adapter file and inject it into base under `name` (default: the file stem)."""
+    return _inject(read_adapter(path), path, base, name or Path(path).stem, weight)
+
+
+def _inject(file: AdapterFile, path: str | Path, base: object, name: str, weight: float) -> Adapter:
+    """Check that the adapter fits, add it to the base, verify its LiDB bases, scale it."""
     check_fits(file, base, path)
-    adapter = add_adapter(base, file.config, name or Path(path).stem)
+
+    adapter = add_adapter(base, file.config, name)
     adapter.load_state_dict(file.tensors)
     checksum = aux_checksum(adapter)
     if abs(checksum - file.aux_checksum) > 1e-6 * max(1.0, abs(file.aux_checksum)):

@@ -2,12 +2,14 @@
 
     python -m hyperbooth.miniworld.evaluate obedience --out docs/mini_obedience.json
     python -m hyperbooth.miniworld.evaluate personalisation --method lidb --out docs/...json
+    python -m hyperbooth.miniworld.evaluate conditioning --out runs/conditioning.json
 
 Obedience: generated images for random captions (fixed seeds); the fraction of the context
 attributes and of the nameable traits each prompt asks for that the judges see.
 Personalisation: for held-out identities (never in the training set), one reference render ->
 one adapter -> images in new prompts; identity score, hidden-trait accuracy and prompt score, next
 to the same prompts on the base model without the subject.
+Conditioning: how much the denoiser's loss drops when it sees the caption (no sampling).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from hyperbooth.adapters.config import AdapterConfig
 from hyperbooth.atomic import write_text
 from hyperbooth.bases import load_base
 from hyperbooth.generate import generate_images
-from hyperbooth.miniworld.captions import caption, pair_caption
+from hyperbooth.miniworld.captions import caption, pair_caption, sample_training_example
 from hyperbooth.miniworld.judges import Judge, identity_score, prompt_score
 from hyperbooth.miniworld.render import (
     CONTEXT_ATTRIBUTES,
@@ -104,6 +106,11 @@ def obedience(
 ) -> dict:
     """How often generated images show what random captions ask for."""
     rng = np.random.default_rng([seed, 0x6F62])  # "ob"
+    # The headline speed: four images of one prompt, as `hyperbooth generate --n 4` draws them.
+    generate_images(base, ["a face"], n=1, steps=2, progress=False)  # warm-up
+    started = time.perf_counter()
+    generate_images(base, ["a face with red hair"], n=4, seed=seed, steps=steps, progress=False)
+    four_images = time.perf_counter() - started
     singles = []
     while len(singles) < prompts:
         described = caption(random_identity(rng), random_context(rng), rng, bare_probability=0)
@@ -160,6 +167,7 @@ def obedience(
         "nameable_traits_shown": _fraction(asked_traits),
         "per_attribute": {name: _fraction(hits) for name, hits in sorted(per_attribute.items())},
         "seconds_per_image": seconds / prompts,
+        "seconds_for_four_images": four_images,
         "sampling_steps": steps,
         "pairs": {
             "prompts": pair_prompts,
@@ -168,6 +176,49 @@ def obedience(
             "all_named_traits_of_both_faces_shown": _fraction(both_right),
         },
     }
+
+
+@torch.no_grad()
+def conditioning_gain(
+    base: object, count: int = 256, seed: int = 0, bands: int = 4
+) -> dict[str, list[float]]:
+    """Epsilon-MSE on fresh captioned renders with the caption and with "", per noise band.
+
+    The gap between the two is how much the denoiser uses the text at that noise level: a cheap
+    signal of text conditioning that needs no sampling and no judge.
+    """
+    from hyperbooth.methods.common import encode_images
+
+    rng = np.random.default_rng([seed, 0x6367])  # "cg"
+    pictures, texts = [], []
+    for _ in range(count):
+        image, text, _ = sample_training_example(rng, pair_probability=0.0, bare_probability=0.0)
+        pictures.append(Image.fromarray(image))
+        texts.append(text)
+    device = next(base.unet.parameters()).device
+    mean, _ = encode_images(base, pictures, device)
+
+    def hidden(prompts: list[str]) -> torch.Tensor:
+        ids = base.tokenizer(
+            prompts, padding="max_length", max_length=base.tokenizer.model_max_length,
+            truncation=True, return_tensors="pt",
+        ).input_ids  # fmt: skip
+        return base.text_encoder(ids.to(device))[0]
+
+    with_text, without_text = hidden(texts), hidden([""] * count)
+    total = base.scheduler.config.num_train_timesteps
+    generator = torch.Generator().manual_seed(seed)
+    result: dict[str, list[float]] = {"band_start": [], "captioned": [], "empty": []}
+    for band in range(bands):
+        low, high = band * total // bands, (band + 1) * total // bands
+        timesteps = torch.randint(low, high, (count,), generator=generator)
+        noise = torch.randn(mean.shape, generator=generator)
+        noisy = base.scheduler.add_noise(mean, noise, timesteps)
+        result["band_start"].append(low)
+        for key, states in (("captioned", with_text), ("empty", without_text)):
+            prediction = base.unet(noisy, timesteps, states).sample
+            result[key].append(torch.nn.functional.mse_loss(prediction, noise).item())
+    return result
 
 
 # --- Personalisation -------------------------------------------------------------------------------
@@ -275,7 +326,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("what", choices=("obedience", "personalisation"))
+    parser.add_argument("what", choices=("obedience", "personalisation", "conditioning"))
     parser.add_argument("--base", default="mini")
     parser.add_argument("--out", required=True, help="JSON file to write")
     parser.add_argument("--prompts", type=int, default=200, help="obedience: single-face prompts")
@@ -288,9 +339,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    base, judge = load_base(args.base), Judge.load()
+    base = load_base(args.base)
+    judge = Judge.load() if args.what != "conditioning" else None
     started = time.perf_counter()
-    if args.what == "obedience":
+    if args.what == "conditioning":
+        report = conditioning_gain(base, seed=args.seed)
+    elif args.what == "obedience":
         report = obedience(base, judge, args.prompts, args.pair_prompts, args.seed)
     else:
         config = PersonalisationConfig(

@@ -1,0 +1,130 @@
+"""HyperDreamBooth at personalisation time (METHOD 3.3): predict, merge, rank-relaxed fast fine-tune.
+
+    image --hypernetwork--> LiDB theta_hat --merge--> frozen base'
+          --40 steps, fresh rank-r LoRA (up = 0), plain diffusion loss--> relaxed LoRA
+    one file: parts "prediction" (LiDB) and "relaxed" (LoRA); exports as one rank-(1 + r) LoRA.
+
+Ablations: no hypernetwork (fine-tune from zero), hypernetwork only, K iterations, rank, steps.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from hyperbooth.adapters.config import AdapterConfig
+from hyperbooth.adapters.files import save_adapter_parts
+from hyperbooth.adapters.inject import Adapter, add_adapter
+from hyperbooth.errors import HyperboothError
+from hyperbooth.hypernet.model import HyperNetwork
+from hyperbooth.images import to_tensor
+from hyperbooth.training import TrainConfig, make_accelerator, train
+
+PREDICTION, RELAXED = "prediction", "relaxed"
+
+
+@dataclass
+class PersonalizeConfig:
+    """The fast path's settings (METHOD 3.3 defaults: r = 4, ~40 steps)."""
+
+    use_hypernet: bool = True  # False: --no-hypernet, the fine-tune starts from the bare base
+    fine_tune: bool = True  # False: --hypernet-only
+    iterations: int | None = None  # K; None: the hypernetwork's own
+    rank: int = 4
+    steps: int = 40
+    learning_rate: float = 1e-3
+    token: str = "sks"
+    class_name: str = "face"
+    seed: int = 0
+    mixed_precision: str = "no"
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not (self.use_hypernet or self.fine_tune):
+            raise HyperboothError("--no-hypernet and --hypernet-only together leave nothing to do")
+        if self.rank < 1 or self.steps < 1:
+            raise HyperboothError("--rank and --steps must be >= 1")
+
+
+@dataclass
+class PersonalizeResult:
+    """What personalize wrote and how long each stage took."""
+
+    output: Path
+    seconds: dict[str, float]
+    parts: list[str]
+    bytes: int
+
+
+def predict(
+    base: object, hypernet: HyperNetwork, image: Image.Image, iterations: int | None = None
+) -> Adapter:
+    """Add the hypernetwork's LiDB for `image` to the base as adapter 'prediction'."""
+    device = next(base.unet.parameters()).device
+    pixels = to_tensor(image.convert("RGB").resize((base.resolution,) * 2))[None].to(device)
+    with torch.no_grad():
+        tensors = hypernet.to(device).eval()(pixels, iterations)
+    adapter = add_adapter(base, hypernet.config.adapter, name=PREDICTION)
+    adapter.load_state_dict({key: value[0] for key, value in tensors.items()})
+    return adapter
+
+
+def personalize(
+    base: object,
+    hypernet: HyperNetwork | None,
+    image: Image.Image,
+    out: str | Path,
+    config: PersonalizeConfig,
+    progress: bool = True,
+) -> PersonalizeResult:
+    """One image -> one adapter file; the base is left with the adapters in place (unmerged)."""
+    from hyperbooth.methods import SubjectConfig, make_method, prepare_subject
+
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise HyperboothError(f"--out must be a .safetensors file, got {out}")
+    if config.use_hypernet and hypernet is None:
+        raise HyperboothError("pass --hypernet (or --no-hypernet to fine-tune from the base alone)")
+    seconds: dict[str, float] = {}
+    parts: dict[str, tuple[Adapter, dict]] = {}
+    subject = SubjectConfig(token=config.token, class_name=config.class_name)
+    info = {"method": "hyperdreambooth", "prompt": subject.prompt, "settings": asdict(config)}
+    prediction = None
+    if config.use_hypernet:
+        started = time.perf_counter()
+        prediction = predict(base, hypernet, image, config.iterations)
+        seconds["predict"] = time.perf_counter() - started
+        parts[PREDICTION] = (prediction, info)
+    if config.fine_tune:
+        if prediction is not None:
+            prediction.merge()  # frozen from here on; the relaxed LoRA learns on top of it
+        train_config = TrainConfig(
+            steps=config.steps,
+            learning_rate=config.learning_rate,
+            seed=config.seed,
+            mixed_precision=config.mixed_precision,
+            device=config.device,
+        )
+        accelerator = make_accelerator(train_config)
+        data = prepare_subject(base, subject, [image], accelerator.device, out.parent, False)
+        lora = replace(
+            hypernet.config.adapter if hypernet is not None else AdapterConfig(),
+            kind="lora",
+            rank=config.rank,
+            alpha=None,
+        )
+        method = make_method("lora", base, subject, data, lora)
+        result = train(method, train_config, out.parent, accelerator, progress=progress, save=False)
+        seconds["fine_tune"] = result.seconds
+        if prediction is not None:
+            prediction.unmerge()  # stored and applied as separate parts
+        parts[RELAXED] = (method.adapter, info)  # the LoRA is the method's "default" adapter
+    started = time.perf_counter()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_adapter_parts(parts, out, base_name=getattr(base, "name", ""))
+    seconds["save"] = time.perf_counter() - started
+    return PersonalizeResult(out, seconds, list(parts), out.stat().st_size)

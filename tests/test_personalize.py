@@ -1,0 +1,120 @@
+"""HyperDreamBooth's fast path: multi-part adapter files, personalize and its ablations, export."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from conftest import outputs, randomize
+from hyperbooth.adapters.config import AdapterConfig
+from hyperbooth.adapters.export import export_adapter
+from hyperbooth.adapters.files import (
+    combine_factors,
+    load_adapters,
+    read_adapter,
+    read_adapter_parts,
+    save_adapter_parts,
+)
+from hyperbooth.adapters.inject import add_adapter
+from hyperbooth.cli import main as cli
+from hyperbooth.errors import HyperboothError
+from hyperbooth.hypernet.model import save_hypernet
+from hyperbooth.hypernet.personalize import PersonalizeConfig, personalize
+from test_hypernet import _hypernet
+
+SMALL_LIDB = AdapterConfig(kind="lidb", lidb_a=16, lidb_b=8)
+ATOL = 1e-5
+
+
+def test_a_two_part_file_acts_as_both_adapters_and_exports_as_their_sum(tiny_base, tmp_path):
+    fresh = copy.deepcopy(tiny_base)
+    first = add_adapter(tiny_base, SMALL_LIDB, name="one")
+    second = add_adapter(tiny_base, AdapterConfig(kind="lora", rank=2), name="two")
+    randomize(first, seed=1)
+    randomize(second, seed=2)
+    expected = outputs(tiny_base)
+    path = tmp_path / "both.safetensors"
+    save_adapter_parts({"prediction": (first, {}), "relaxed": (second, {})}, path)
+    assert list(read_adapter_parts(path)) == ["prediction", "relaxed"]
+    with pytest.raises(HyperboothError, match="holds 2 adapters"):
+        read_adapter(path)
+    loaded = load_adapters(path, fresh, name="subject")
+    assert [a.name for a in loaded] == ["subject_prediction", "subject_relaxed"]
+    for got, want in zip(outputs(fresh), expected, strict=True):
+        torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    # One LoRA of rank 1 + 2 with the same delta on every layer.
+    combined = combine_factors([first.materialize(), second.materialize()])
+    for key, (down, up) in combined.items():
+        assert down.shape[0] == 3
+        d1, u1 = first.materialize()[key]
+        d2, u2 = second.materialize()[key]
+        torch.testing.assert_close(up @ down, u1 @ d1 + u2 @ d2, atol=1e-6, rtol=0)
+    kohya = export_adapter(path, "kohya", tmp_path / "kohya.safetensors")
+    downs = [v for k, v in load_file(str(kohya)).items() if k.endswith("lora_down.weight")]
+    assert downs and all(d.shape[0] == 3 for d in downs)
+
+
+def _image() -> Image.Image:
+    return Image.new("RGB", (32, 32), (200, 120, 60))
+
+
+@pytest.mark.parametrize(
+    ("use_hypernet", "fine_tune", "parts"),
+    [
+        (True, True, ["prediction", "relaxed"]),
+        (False, True, ["relaxed"]),
+        (True, False, ["prediction"]),
+    ],
+)
+def test_personalize_and_its_ablations_write_the_right_parts(
+    tiny_base, tmp_path, use_hypernet, fine_tune, parts
+):
+    hypernet = _hypernet(tiny_base)
+    config = PersonalizeConfig(use_hypernet=use_hypernet, fine_tune=fine_tune, steps=2, rank=4)
+    result = personalize(tiny_base, hypernet, _image(), tmp_path / "me.safetensors", config, False)
+    assert result.parts == parts and result.bytes > 0
+    stored = read_adapter_parts(result.output)
+    if "relaxed" in stored:
+        assert stored["relaxed"].config.kind == "lora" and stored["relaxed"].config.rank == 4
+    if "prediction" in stored:
+        pixels = torch.tensor([[[200 / 127.5 - 1]], [[120 / 127.5 - 1]], [[60 / 127.5 - 1]]])
+        with torch.no_grad():
+            predicted = hypernet(pixels.expand(3, 32, 32)[None])
+        for key, value in stored["prediction"].tensors.items():
+            torch.testing.assert_close(value, predicted[key][0], atol=1e-6, rtol=1e-5)
+
+
+def test_personalize_refuses_to_do_nothing():
+    with pytest.raises(HyperboothError, match="nothing to do"):
+        PersonalizeConfig(use_hypernet=False, fine_tune=False)
+
+
+def test_the_personalize_command_prints_each_stage_and_exports_rank_1_plus_r(
+    tiny_base, tmp_path, capsys
+):
+    save_hypernet(_hypernet(tiny_base), tmp_path / "hyper")
+    _image().save(tmp_path / "me.png")
+    out = tmp_path / "me.safetensors"
+    args = ["personalize", "--base", "tiny-random", "--device", "cpu", "--json"]
+    args += ["--hypernet", str(tmp_path / "hyper"), "--image", str(tmp_path / "me.png")]
+    args += ["--out", str(out), "--steps", "2", "--rank", "3"]
+    assert cli(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert set(summary["seconds"]) == {"load", "predict", "fine_tune", "save"}
+    assert cli(["export", "--adapter", str(out), "--format", "kohya", "--out",
+                str(tmp_path / "k.safetensors")]) == 0  # fmt: skip
+    downs = [
+        v
+        for k, v in load_file(str(tmp_path / "k.safetensors")).items()
+        if k.endswith("lora_down.weight")
+    ]
+    assert {d.shape[0] for d in downs} == {4}  # rank 1 + 3
+    record = tmp_path / "grid.png"
+    assert cli(["generate", "--base", "tiny-random", "--adapter", str(out), "--prompt",
+                "a sks face", "--n", "1", "--steps", "2", "--out", str(record)]) == 0  # fmt: skip
+    assert json.loads(record.with_suffix(".json").read_text())["adapters"][0]["path"] == str(out)
