@@ -118,3 +118,55 @@ def test_the_personalize_command_prints_each_stage_and_exports_rank_1_plus_r(
     assert cli(["generate", "--base", "tiny-random", "--adapter", str(out), "--prompt",
                 "a sks face", "--n", "1", "--steps", "2", "--out", str(record)]) == 0  # fmt: skip
     assert json.loads(record.with_suffix(".json").read_text())["adapters"][0]["path"] == str(out)
+
+
+def test_a_bad_image_is_a_one_line_error(tiny_base, tmp_path, capsys):
+    save_hypernet(_hypernet(tiny_base), tmp_path / "hyper")
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    code = cli(
+        ["personalize", "--base", "tiny-random", "--device", "cpu", "--hypernet",
+         str(tmp_path / "hyper"), "--image", str(tmp_path / "broken.png"), "--out",
+         str(tmp_path / "me.safetensors")]
+    )  # fmt: skip
+    error = capsys.readouterr().err
+    assert code == 2 and error.count("\n") == 1 and "broken.png" in error
+    assert not (tmp_path / "me.safetensors").exists()
+
+
+_PREDICT_IN_NEW_PROCESS = """
+import sys, torch
+from PIL import Image
+from safetensors.torch import save_file
+from hyperbooth.bases import load_base
+from hyperbooth.hypernet.model import load_hypernet
+from hyperbooth.hypernet.personalize import predict
+torch.set_num_threads(1)
+base = load_base("tiny-random")
+adapter = predict(base, load_hypernet(sys.argv[1]), Image.open(sys.argv[2]))
+tensors = {k: v.contiguous() for k, v in adapter.state_dict().items()}
+tensors.update({f"aux.{k}": w.lidb_a_aux.contiguous() for k, w in adapter.weights().items()})
+save_file(tensors, sys.argv[3])
+"""
+
+
+def test_predictions_and_aux_bases_are_bit_identical_in_a_new_process(tiny_base, tmp_path):
+    import subprocess
+    import sys
+
+    from hyperbooth.hypernet.personalize import predict
+
+    hypernet = _hypernet(tiny_base)
+    save_hypernet(hypernet, tmp_path / "hyper")
+    _image().save(tmp_path / "me.png")
+    adapter = predict(tiny_base, hypernet, Image.open(tmp_path / "me.png"))
+    here = dict(adapter.state_dict())
+    here.update({f"aux.{k}": w.lidb_a_aux for k, w in adapter.weights().items()})
+    result = subprocess.run(
+        [sys.executable, "-c", _PREDICT_IN_NEW_PROCESS, str(tmp_path / "hyper"),
+         str(tmp_path / "me.png"), str(tmp_path / "there.safetensors")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    there = load_file(str(tmp_path / "there.safetensors"))
+    assert there.keys() == here.keys()
+    assert all(torch.equal(there[k], here[k]) for k in here)
