@@ -26,7 +26,7 @@ Personalise Stable Diffusion-family models from a few photos of a subject.
 
 verbs:
   info      count the layers, trainable numbers and bytes a method adds to a base
-  train     fit a subject with dreambooth, lora or lidb and save the result
+  train     fit a subject with dreambooth, lora, lidb or textual-inversion and save the result
   generate  draw prompts with a base and any adapters into a PNG grid (+ JSON)
   export    convert a hyperbooth adapter to diffusers' or kohya's LoRA format
   precompute  fit one LiDB per identity image, K at a time (HyperDreamBooth's training set)
@@ -147,7 +147,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     """Fit one subject and save the result."""
     from hyperbooth.bases import load_base
     from hyperbooth.images import load_images
-    from hyperbooth.methods import SubjectConfig, personalise
+    from hyperbooth.methods import SubjectConfig, TextualInversionConfig, personalise
     from hyperbooth.training import TrainConfig
 
     subject = SubjectConfig(
@@ -180,6 +180,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     images = load_images(args.images, base.resolution)
     loaded = time.perf_counter()
     te = args.train_text_encoder if args.method == "dreambooth" else not args.no_text_encoder
+    textual_inversion = TextualInversionConfig(args.initializer, args.vectors)
     result = personalise(
         base,
         images,
@@ -190,6 +191,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         train_config,
         train_text_encoder=te,
         resume=args.resume,
+        textual_inversion=textual_inversion,
     )
     summary = {
         "output": str(result.output),
@@ -247,6 +249,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
     device = make_accelerator(TrainConfig(device=args.device)).device
     dtype = _dtype(args.base_dtype) or (torch.float16 if device.type == "cuda" else None)
     base = load_base(args.base).to(device, dtype)
+    from hyperbooth.methods.textual_inversion import load_textual_inversion
+
+    words = [
+        token for path in args.textual_inversion for token in load_textual_inversion(path, base)
+    ]
     adapters = []
     for spec in args.adapter:
         path, weight = _parse_adapter_arg(spec)
@@ -261,6 +268,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     record = {
         "base": args.base,
         "adapters": adapters,
+        "textual_inversion": {"files": args.textual_inversion, "tokens": words},
         "prompts": args.prompt,
         "n": args.n,
         "seed": args.seed,
@@ -471,7 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--lr",
         type=float,
         default=None,
-        help="learning rate (default: dreambooth 5e-6, lora 1e-4, lidb 1e-3)",
+        help="learning rate (default: dreambooth 5e-6, lora 1e-4, lidb 1e-3, textual-inversion 5e-3)",
     )
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--gradient-accumulation", type=int, default=1)
@@ -502,6 +510,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="dreambooth: fine-tune the text encoder too",
     )
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    g = p.add_argument_group("textual-inversion (pass a new word as --token, e.g. '<me>')")
+    g.add_argument("--initializer", default="face", help="the word the new vectors start from")
+    g.add_argument("--vectors", type=int, default=1, help="embedding vectors of the new word")
     _adapter_flags(p)
     p.set_defaults(func=cmd_train)
 
@@ -511,6 +522,13 @@ def build_parser() -> argparse.ArgumentParser:
     _base_flags(p)
     p.add_argument(
         "--adapter", action="append", default=[], metavar="FILE[:WEIGHT]", help="repeatable"
+    )
+    p.add_argument(
+        "--textual-inversion",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a learned_embeds.safetensors whose words the prompts may use; repeatable",
     )
     p.add_argument("--prompt", action="append", required=True, help="repeatable; one grid row each")
     p.add_argument("--n", type=int, default=4, help="images per prompt")

@@ -12,9 +12,10 @@ from hyperbooth.adapters.inject import add_adapter, target_layers
 from hyperbooth.methods.common import SubjectConfig, SubjectData, SubjectMethod, prepare_subject
 from hyperbooth.methods.dreambooth import DreamBooth, DreamBoothConfig
 from hyperbooth.methods.lora import ADAPTER_FILE, AdapterDreamBooth, AdapterMethodConfig
+from hyperbooth.methods.textual_inversion import TextualInversion, TextualInversionConfig
 from hyperbooth.training import TrainConfig, TrainResult, make_accelerator, train
 
-METHODS = ("dreambooth", "lora", "lidb")
+METHODS = ("dreambooth", "lora", "lidb", "textual-inversion")
 
 
 def make_method(
@@ -24,8 +25,11 @@ def make_method(
     data: SubjectData,
     adapter: AdapterConfig | None = None,
     train_text_encoder: bool | None = None,
+    textual_inversion: TextualInversionConfig | None = None,
 ) -> SubjectMethod:
     """Build a method by name; adapter/text-encoder settings apply to the methods that use them."""
+    if name == "textual-inversion":
+        return TextualInversion(base, subject, data, textual_inversion or TextualInversionConfig())
     if name == "dreambooth":
         return DreamBooth(base, subject, data, DreamBoothConfig(bool(train_text_encoder)))
     if name in ("lora", "lidb"):
@@ -46,6 +50,7 @@ def personalise(
     train_text_encoder: bool | None = None,
     resume: bool = False,
     progress: bool = True,
+    textual_inversion: TextualInversionConfig | None = None,
 ) -> TrainResult:
     """Fit one subject with one method and save the result into out_dir."""
     subject = subject or SubjectConfig()
@@ -54,7 +59,9 @@ def personalise(
     accelerator = make_accelerator(train_config)
     base.to(accelerator.device)
     data = prepare_subject(base, subject, images, accelerator.device, out_dir, progress)
-    runner = make_method(method, base, subject, data, adapter, train_text_encoder)
+    runner = make_method(
+        method, base, subject, data, adapter, train_text_encoder, textual_inversion
+    )
     run_info = {"subject": asdict(subject), "method_config": _jsonable(runner)}
     return train(runner, train_config, out_dir, accelerator, resume, run_info, progress)
 
@@ -74,6 +81,9 @@ def trainable_report(
     train_text_encoder: bool | None = None,
 ) -> dict:
     """Layer count, trainable numbers and stored bytes of a method on a base (meta bases work)."""
+    if method == "textual-inversion":
+        n = base.text_encoder.get_input_embeddings().weight.shape[1]  # one vector by default
+        return {"method": method, "layers": 1, "trainable_parameters": n, **_bytes(n)}
     if method == "dreambooth":
         models = [base.unet] + ([base.text_encoder] if train_text_encoder else [])
         n = sum(p.numel() for m in models for p in m.parameters())
@@ -113,6 +123,8 @@ __all__ = [
     "DreamBoothConfig",
     "SubjectConfig",
     "SubjectData",
+    "TextualInversion",
+    "TextualInversionConfig",
     "make_method",
     "personalise",
     "prepare_subject",

@@ -1,0 +1,139 @@
+"""Textual Inversion (METHOD 2): a new word whose embedding vectors are the only thing that trains.
+
+The token (and `token_1` ... for extra vectors, diffusers' convention) is added to the tokenizer
+and the text encoder's embedding matrix grows by as many rows, initialised from a given word.
+The loss sees the matrix as `frozen rows` with the new rows replaced by the trainable vectors
+(through `torch.func.functional_call`), so every other row is untouched by construction.
+The result is diffusers' `learned_embeds.safetensors` ({token: (vectors, dim)}), which
+`StableDiffusionPipeline.load_textual_inversion` reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from hyperbooth.adapters.files import atomic_save_safetensors
+from hyperbooth.errors import HyperboothError
+from hyperbooth.methods.common import SubjectConfig, SubjectData, SubjectMethod, token_ids
+
+LEARNED_EMBEDS = "learned_embeds.safetensors"
+
+
+@dataclass
+class TextualInversionConfig:
+    """The new word: how many vectors, and the existing word they start from."""
+
+    initializer: str = "face"
+    vectors: int = 1
+
+    def __post_init__(self) -> None:
+        if self.vectors < 1:
+            raise HyperboothError(f"--vectors must be >= 1, got {self.vectors}")
+
+
+def token_names(token: str, vectors: int) -> list[str]:
+    """The tokenizer entries of a multi-vector token: token, token_1, ... (diffusers' naming)."""
+    return [token] + [f"{token}_{i}" for i in range(1, vectors)]
+
+
+def add_new_token(base: object, token: str, vectors: int) -> list[int]:
+    """Add the token's entries to the tokenizer and grow the text encoder's embedding matrix."""
+    names = token_names(token, vectors)
+    vocabulary = base.tokenizer.get_vocab()
+    taken = [name for name in names if name in vocabulary or f"{name}</w>" in vocabulary]
+    if taken:
+        raise HyperboothError(
+            f"the token {taken[0]!r} is already in the vocabulary; textual inversion needs a new "
+            "word, e.g. --token '<my-subject>'"
+        )
+    base.tokenizer.add_tokens(names)
+    # No mean-resizing: it draws the new rows from the global RNG; they are set explicitly.
+    base.text_encoder.resize_token_embeddings(len(base.tokenizer), mean_resizing=False)
+    return base.tokenizer.convert_tokens_to_ids(names)
+
+
+class TextualInversion(SubjectMethod):
+    """Only the new token's embedding vectors train; UNet and text encoder stay frozen."""
+
+    name = "textual-inversion"
+    default_learning_rate = 5e-3  # diffusers' textual_inversion example
+
+    def __init__(
+        self,
+        base: object,
+        subject: SubjectConfig,
+        data: SubjectData,
+        config: TextualInversionConfig,
+    ):
+        super().__init__(base, subject, data)
+        self.config = config
+        initial = base.tokenizer(config.initializer, add_special_tokens=False).input_ids
+        if len(initial) != 1:
+            raise HyperboothError(
+                f"--initializer {config.initializer!r} is {len(initial)} tokens; pass one word "
+                "that the tokenizer keeps whole (e.g. face, dog, mug)"
+            )
+        self.token_ids = torch.tensor(add_new_token(base, subject.token, config.vectors))
+        # The prompt was tokenised before the word existed: again, now that it is one token
+        # (several vectors: the prompt names token token_1 ... as diffusers writes them).
+        prompt = subject.prompt.replace(
+            subject.token, " ".join(token_names(subject.token, config.vectors))
+        )
+        data.instance_ids = token_ids(base, prompt).to(data.instance_ids.device)
+        embedding = base.text_encoder.get_input_embeddings()
+        self.frozen = embedding.weight.detach().clone()
+        start = self.frozen[initial[0]].clone()
+        self.vectors = nn.Parameter(start.repeat(config.vectors, 1).to(embedding.weight.device))
+        self.weight_name = next(
+            name
+            for name, parameter in base.text_encoder.named_parameters()
+            if parameter is embedding.weight
+        )
+
+    def trainable(self) -> dict[str, nn.Parameter]:
+        """The new token's vectors."""
+        return {"textual_inversion.vectors": self.vectors}
+
+    def embedding_matrix(self) -> torch.Tensor:
+        """The frozen matrix with the new rows replaced by the trainable vectors."""
+        return self.frozen.index_put((self.token_ids.to(self.frozen.device),), self.vectors)
+
+    def encode_prompt(self, ids: torch.Tensor) -> torch.Tensor:
+        """Text-encoder hidden states with the current vectors (never cached: they train)."""
+        replaced = {self.weight_name: self.embedding_matrix()}
+        return functional_call(self.base.text_encoder, replaced, (ids,), strict=False)[0]
+
+    def save(self, out_dir: Path) -> Path:
+        """Write <out>/learned_embeds.safetensors in diffusers' layout and set the rows in place."""
+        path = Path(out_dir) / LEARNED_EMBEDS
+        atomic_save_safetensors({self.subject.token: self.vectors.detach()}, path, {"format": "pt"})
+        with torch.no_grad():  # the base now draws the subject with the plain text encoder too
+            self.base.text_encoder.get_input_embeddings().weight[self.token_ids] = self.vectors
+        return path
+
+
+def load_textual_inversion(path: str | Path, base: object) -> list[str]:
+    """Add the tokens of a learned_embeds.safetensors file to a base; returns the tokens."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    added = []
+    for token, vectors in tensors.items():
+        vectors = vectors.reshape(-1, vectors.shape[-1])
+        dim = base.text_encoder.get_input_embeddings().weight.shape[1]
+        if vectors.shape[1] != dim:
+            raise HyperboothError(
+                f"{path}: token {token!r} has {vectors.shape[1]}-wide vectors, this text encoder "
+                f"needs {dim}; pass the --base it was trained on"
+            )
+        ids = add_new_token(base, token, vectors.shape[0])
+        with torch.no_grad():
+            weight = base.text_encoder.get_input_embeddings().weight
+            weight[ids] = vectors.to(weight.device, weight.dtype)
+        added.append(token)
+    return added

@@ -1,0 +1,109 @@
+"""Textual Inversion: only the new rows train, diffusers' loader reads our file, bad words fail."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+from safetensors.torch import load_file
+
+from hyperbooth.cli import main as cli
+from hyperbooth.errors import HyperboothError
+from hyperbooth.methods import SubjectConfig, TextualInversionConfig, personalise
+from hyperbooth.methods.textual_inversion import LEARNED_EMBEDS, load_textual_inversion
+from hyperbooth.training import TrainConfig
+
+EMBEDDING = "embeddings.token_embedding.weight"  # in CLIPTextModel's state dict (transformers 5)
+
+
+def _fit(base, tmp_path, vectors: int = 1, token: str = "<me>", initializer: str = "face"):
+    return personalise(
+        base,
+        [Image.new("RGB", (32, 32), (190, 90, 40))],
+        tmp_path / "ti",
+        "textual-inversion",
+        SubjectConfig(token=token, class_name="face"),
+        train_config=TrainConfig(steps=3, learning_rate=0.1, device="cpu"),
+        progress=False,
+        textual_inversion=TextualInversionConfig(initializer, vectors),
+    )
+
+
+def _pipeline(base) -> StableDiffusionPipeline:
+    return StableDiffusionPipeline(
+        vae=base.vae,
+        text_encoder=base.text_encoder,
+        tokenizer=base.tokenizer,
+        unet=base.unet,
+        scheduler=base.scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def test_only_the_new_rows_train_and_every_other_weight_is_bit_identical(tiny_base, tmp_path):
+    before = {k: v.clone() for k, v in tiny_base.text_encoder.state_dict().items()}
+    unet_before = {k: v.clone() for k, v in tiny_base.unet.state_dict().items()}
+    rows = len(tiny_base.tokenizer)
+    initial = before[EMBEDDING][tiny_base.tokenizer("face", add_special_tokens=False).input_ids[0]]
+    result = _fit(tiny_base, tmp_path, vectors=2)
+    after = tiny_base.text_encoder.state_dict()
+    embedding = after[EMBEDDING]
+    assert embedding.shape[0] == rows + 2
+    assert torch.equal(embedding[:rows], before[EMBEDDING])
+    assert all(torch.equal(after[k], v) for k, v in before.items() if "token_embedding" not in k)
+    assert all(torch.equal(tiny_base.unet.state_dict()[k], v) for k, v in unet_before.items())
+    stored = load_file(str(result.output))
+    assert result.output.name == LEARNED_EMBEDS and stored["<me>"].shape == (2, initial.shape[0])
+    assert not torch.equal(stored["<me>"][0], initial)  # it trained
+    assert torch.equal(embedding[rows:], stored["<me>"])
+
+
+def test_diffusers_loads_our_file_and_encodes_prompts_as_we_do(tiny_base, tmp_path):
+    fresh = copy.deepcopy(tiny_base)
+    result = _fit(tiny_base, tmp_path, vectors=2)
+    pipe = _pipeline(copy.deepcopy(fresh))
+    pipe.load_textual_inversion(str(result.output))
+    ours = copy.deepcopy(fresh)
+    assert load_textual_inversion(result.output, ours) == ["<me>"]
+
+    def encode(tokenizer, text_encoder, prompt: str) -> torch.Tensor:
+        ids = tokenizer(prompt, padding="max_length", max_length=77, return_tensors="pt").input_ids
+        with torch.no_grad():
+            return text_encoder(ids)[0]
+
+    # diffusers expands "<me>" into "<me> <me>_1" when it tokenises a prompt.
+    theirs = encode(
+        pipe.tokenizer, pipe.text_encoder, pipe.maybe_convert_prompt("a <me> face", pipe.tokenizer)
+    )
+    mine = encode(ours.tokenizer, ours.text_encoder, "a <me> <me>_1 face")
+    torch.testing.assert_close(theirs, mine, atol=0, rtol=0)
+
+
+def test_words_already_known_and_long_initializers_are_one_line_errors(tiny_base, tmp_path):
+    with pytest.raises(HyperboothError, match="already in the vocabulary"):
+        _fit(copy.deepcopy(tiny_base), tmp_path, token="sks")
+    with pytest.raises(HyperboothError, match="initializer"):
+        _fit(copy.deepcopy(tiny_base), tmp_path, initializer="a red face")
+
+
+def test_the_cli_trains_and_generates_with_the_new_word(tmp_path):
+    Image.new("RGB", (32, 32), (20, 160, 90)).save(tmp_path / "me.png")
+    out = tmp_path / "run"
+    args = ["train", "--method", "textual-inversion", "--base", "tiny-random", "--device", "cpu"]
+    args += ["--images", str(tmp_path / "me.png"), "--token", "<me>", "--steps", "2"]
+    assert cli([*args, "--out", str(out)]) == 0
+    grid = tmp_path / "grid.png"
+    generate = [
+        "generate",
+        "--base",
+        "tiny-random",
+        "--textual-inversion",
+        str(out / LEARNED_EMBEDS),
+    ]
+    generate += ["--prompt", "a <me> face", "--n", "1", "--steps", "2", "--out", str(grid)]
+    assert cli(generate) == 0 and grid.is_file()
