@@ -32,6 +32,7 @@ verbs:
   precompute  fit one LiDB per identity image, K at a time (HyperDreamBooth's training set)
   train-hypernet  train the hypernetwork on images and their pre-optimised LiDBs
   personalize  HyperDreamBooth from one image: predict, merge, rank-relaxed fast fine-tune
+  rare-tokens  words rare enough to name a subject (Custom Diffusion's and DreamBooth's rules)
   demo      personalise the built-in mini model from one image, draw and score it
 
 A base (--base) is a diffusers folder, a Hugging Face hub id already in the local cache,
@@ -428,6 +429,49 @@ def cmd_personalize(args: argparse.Namespace) -> None:
     print(json.dumps(summary, indent=2) if args.json else _lines(summary))
 
 
+def cmd_rare_tokens(args: argparse.Namespace) -> None:
+    """List identifier words: CLIP tokens seen 5-10 times in a caption corpus (Custom Diffusion),
+    and short tokens from CLIP's rarer ids (DreamBooth).
+
+    Without --captions the corpus is --mini-captions random captions of the miniature world.
+    """
+    from hyperbooth.bases import clip_tokenizer
+    from hyperbooth.rare_tokens import custom_diffusion_tokens, dreambooth_tokens
+
+    if args.captions:
+        path = Path(args.captions)
+        if not path.is_file():
+            raise HyperboothError(f"caption file not found: {path} (one caption per line)")
+        captions = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not captions:
+            raise HyperboothError(f"{path} holds no captions (one caption per line)")
+    else:
+        import numpy as np
+
+        from hyperbooth.miniworld.captions import sample_training_example
+
+        rng = np.random.default_rng(args.seed)
+        captions = [sample_training_example(rng)[1] for _ in range(args.mini_captions)]
+    tokenizer = clip_tokenizer()
+    found = custom_diffusion_tokens(tokenizer, captions, args.low, args.high)
+    sampled = dreambooth_tokens(tokenizer, args.dreambooth, args.seed)
+    report = {
+        "corpus": args.captions or f"{args.mini_captions} miniature-world captions",
+        "captions": len(captions),
+        "custom_diffusion": [{"word": w, "count": c} for w, c in found],
+        "dreambooth": sampled,
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return
+    print(f"{report['corpus']}: {len(captions)} captions")
+    print(
+        f"seen {args.low}-{args.high} times: "
+        + (", ".join(f"{w} ({c})" for w, c in found) or "none")
+    )
+    print("short rare CLIP tokens: " + ", ".join(sampled))
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     """Personalise `mini` from one image of a face it never saw, draw it in new prompts, score it."""
     from hyperbooth.demo import run_demo
@@ -634,6 +678,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mixed-precision", choices=PRECISIONS, default="no")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_personalize)
+
+    p = verbs.add_parser(
+        "rare-tokens",
+        help="words rare enough to name a subject",
+        description=cmd_rare_tokens.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--captions", default=None, help="text file, one caption per line")
+    p.add_argument("--mini-captions", type=int, default=300, help="default corpus size")
+    p.add_argument("--low", type=int, default=5)
+    p.add_argument("--high", type=int, default=10)
+    p.add_argument("--dreambooth", type=int, default=10, help="how many short tokens to sample")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_rare_tokens)
 
     p = verbs.add_parser(
         "demo", help="end-to-end run on a built-in model", description=cmd_demo.__doc__
