@@ -6,7 +6,6 @@ import copy
 
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -15,6 +14,7 @@ from hyperbooth.errors import HyperboothError
 from hyperbooth.methods import SubjectConfig, TextualInversionConfig, personalise
 from hyperbooth.methods.textual_inversion import LEARNED_EMBEDS, load_textual_inversion
 from hyperbooth.training import TrainConfig
+from test_export import _pipeline  # a plain diffusers pipeline, no hyperbooth code
 
 EMBEDDING = "embeddings.token_embedding.weight"  # in CLIPTextModel's state dict (transformers 5)
 
@@ -29,19 +29,6 @@ def _fit(base, tmp_path, vectors: int = 1, token: str = "<me>", initializer: str
         train_config=TrainConfig(steps=3, learning_rate=0.1, device="cpu"),
         progress=False,
         textual_inversion=TextualInversionConfig(initializer, vectors),
-    )
-
-
-def _pipeline(base) -> StableDiffusionPipeline:
-    return StableDiffusionPipeline(
-        vae=base.vae,
-        text_encoder=base.text_encoder,
-        tokenizer=base.tokenizer,
-        unet=base.unet,
-        scheduler=base.scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
     )
 
 

@@ -59,8 +59,8 @@ def run_demo(
     judge: Judge | None = None,
 ) -> dict:
     """Load, personalise with LiDB, generate, judge; report time per stage, size and scores."""
-    from hyperbooth.miniworld.evaluate import context_indices, subject_prompt
-    from hyperbooth.miniworld.judges import chance_levels, identity_score, prompt_score
+    from hyperbooth.miniworld.evaluate import score_images, subject_prompt
+    from hyperbooth.miniworld.judges import chance_levels
     from hyperbooth.miniworld.render import Identity
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -100,17 +100,11 @@ def run_demo(
 
     scores = None
     if judge is not None:
-        identity, hidden, prompt = [], [], []
-        for names, images in zip(DEMO_CONTEXTS, rows, strict=True):
-            for reading in judge.read(images):
-                total, hidden_share = identity_score(subject, reading.identity)
-                identity.append(total)
-                hidden.append(hidden_share)
-                prompt.append(prompt_score(context_indices(names), reading.context))
+        measured = score_images(judge, subject, rows, DEMO_CONTEXTS)
         scores = {
-            "identity": sum(identity) / len(identity),
-            "hidden_traits": sum(hidden) / len(hidden),
-            "prompt": sum(prompt) / len(prompt),
+            "identity": measured["identity"],
+            "hidden_traits": measured["hidden"],
+            "prompt": measured["prompt"],
         }
     report = {
         "base": base_spec,

@@ -16,6 +16,7 @@ import torch
 
 from hyperbooth.errors import HyperboothError
 from hyperbooth.images import IMAGE_SUFFIXES
+from hyperbooth.methods.common import token_ids
 
 DEFAULT_THRESHOLD = 0.85  # Custom Diffusion's value
 
@@ -54,13 +55,7 @@ def text_features(base: object, texts: list[str], batch: int = 64) -> torch.Tens
     device = next(base.text_encoder.parameters()).device
     features = []
     for start in range(0, len(texts), batch):
-        ids = base.tokenizer(
-            texts[start : start + batch],
-            padding="max_length",
-            max_length=base.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(device)
+        ids = token_ids(base, texts[start : start + batch]).to(device)
         pooled = base.text_encoder(ids).pooler_output.float()
         features.append(torch.nn.functional.normalize(pooled, dim=-1))
     return torch.cat(features)

@@ -147,8 +147,9 @@ def fit_chunk(
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             losses = per_identity.detach().float().cpu()
+        fitted = adapter.state_dict()  # (K, ...) per key
         tensors = {
-            name: {key: value[i].clone() for key, value in adapter.state_dict().items()}
+            name: {key: value[i].clone() for key, value in fitted.items()}
             for i, name in enumerate(names)
         }
         metadata = adapter_metadata(adapter, base_name=getattr(base, "name", ""))

@@ -160,7 +160,7 @@ class HyperNetTraining:
             (predicted[key] - target[index].to(device)).square().sum()
             for key, target in data.targets.items()
         ]
-        numbers = sum(t[index].numel() for t in data.targets.values())
+        numbers = len(index) * sum(t[0].numel() for t in data.targets.values())
         weight_loss = torch.stack(squared).sum() / numbers
         total = self.config.beta * weight_loss
         diffusion = torch.zeros((), device=device)

@@ -47,8 +47,8 @@ class SubjectConfig:
         return self.class_prompt or f"a {self.class_name}"
 
 
-def token_ids(base: object, prompt: str) -> torch.Tensor:
-    """Tokenise one prompt to (1, 77) ids."""
+def token_ids(base: object, prompt: str | list[str]) -> torch.Tensor:
+    """Tokenise a prompt (or a list of them) to (N, 77) ids, padded to the model's length."""
     return base.tokenizer(
         prompt,
         padding="max_length",

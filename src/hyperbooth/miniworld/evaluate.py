@@ -187,7 +187,7 @@ def conditioning_gain(
     The gap between the two is how much the denoiser uses the text at that noise level: a cheap
     signal of text conditioning that needs no sampling and no judge.
     """
-    from hyperbooth.methods.common import encode_images
+    from hyperbooth.methods.common import encode_images, token_ids
 
     rng = np.random.default_rng([seed, 0x6367])  # "cg"
     pictures, texts = [], []
@@ -199,11 +199,7 @@ def conditioning_gain(
     mean, _ = encode_images(base, pictures, device)
 
     def hidden(prompts: list[str]) -> torch.Tensor:
-        ids = base.tokenizer(
-            prompts, padding="max_length", max_length=base.tokenizer.model_max_length,
-            truncation=True, return_tensors="pt",
-        ).input_ids  # fmt: skip
-        return base.text_encoder(ids.to(device))[0]
+        return base.text_encoder(token_ids(base, prompts).to(device))[0]
 
     with_text, without_text = hidden(texts), hidden([""] * count)
     total = base.scheduler.config.num_train_timesteps
@@ -237,10 +233,15 @@ class PersonalisationConfig:
     seed: int = 0
 
 
-def _scores(judge: Judge, reference: Identity, rows: list[list[Image.Image]]) -> dict:
-    """Identity, hidden-trait and prompt scores of images generated for EVALUATION_CONTEXTS."""
+def score_images(
+    judge: Judge,
+    reference: Identity,
+    rows: list[list[Image.Image]],
+    contexts: Sequence[dict[str, str]] = EVALUATION_CONTEXTS,
+) -> dict:
+    """Mean identity, hidden-trait and prompt scores of images generated for `contexts`."""
     identity, hidden, prompt = [], [], []
-    for names, images in zip(EVALUATION_CONTEXTS, rows, strict=True):
+    for names, images in zip(contexts, rows, strict=True):
         for reading in judge.read(images):
             total, hidden_share = identity_score(reference, reading.identity)
             identity.append(total)
@@ -300,8 +301,8 @@ def personalisation(
             "fit_seconds": result.seconds,
             "generate_seconds": time.perf_counter() - started,
             "stored_bytes": stored,
-            "personalised": _scores(judge, identity, images),
-            "base": _scores(judge, identity, plain_rows),
+            "personalised": score_images(judge, identity, images),
+            "base": score_images(judge, identity, plain_rows),
         }
         rows.append(row)
     summary = {
