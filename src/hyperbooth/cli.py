@@ -26,7 +26,8 @@ Personalise Stable Diffusion-family models from a few photos of a subject.
 
 verbs:
   info      count the layers, trainable numbers and bytes a method adds to a base
-  train     fit a subject with dreambooth, lora, lidb or textual-inversion and save the result
+  train     fit a subject with dreambooth, lora, lidb, textual-inversion or custom-diffusion
+  merge     combine Custom Diffusion concepts in closed form (constrained least squares)
   generate  draw prompts with a base and any adapters into a PNG grid (+ JSON)
   export    convert a hyperbooth adapter to diffusers' or kohya's LoRA format
   precompute  fit one LiDB per identity image, K at a time (HyperDreamBooth's training set)
@@ -104,7 +105,7 @@ def _base_flags(parser: argparse.ArgumentParser, required: bool = True) -> None:
         "--base",
         required=required,
         default=None if required else "tiny-random",
-        help="diffusers folder, cached hub id, or tiny-random / sd15-arch",
+        help="diffusers folder, cached hub id, or a built-in: mini, tiny-random, sd15-arch",
     )
     parser.add_argument(
         "--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1 ..."
@@ -149,7 +150,13 @@ def cmd_train(args: argparse.Namespace) -> None:
     """Fit one subject and save the result."""
     from hyperbooth.bases import load_base
     from hyperbooth.images import load_images
-    from hyperbooth.methods import SubjectConfig, TextualInversionConfig, personalise
+    from hyperbooth.methods import (
+        CustomDiffusionConfig,
+        SubjectConfig,
+        TextualInversionConfig,
+        personalise,
+        personalise_concepts,
+    )
     from hyperbooth.training import TrainConfig
 
     subject = SubjectConfig(
@@ -161,6 +168,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         num_class_images=args.num_class_images,
         class_prompt=args.class_prompt,
         class_images_dir=args.class_images,
+        regularisation_dir=args.regularisation,
     )
     train_config = TrainConfig(
         steps=args.steps,
@@ -179,26 +187,43 @@ def cmd_train(args: argparse.Namespace) -> None:
             "dreambooth trains the base weights themselves: keep --base-dtype float32"
         )
     base = load_base(args.base, dtype=_dtype(args.base_dtype or "float32"))
-    images = load_images(args.images, base.resolution)
-    loaded = time.perf_counter()
-    te = args.train_text_encoder if args.method == "dreambooth" else not args.no_text_encoder
-    textual_inversion = TextualInversionConfig(args.initializer, args.vectors)
-    result = personalise(
-        base,
-        images,
-        args.out,
-        args.method,
-        subject,
-        _adapter_config(args, args.method),
-        train_config,
-        train_text_encoder=te,
-        resume=args.resume,
-        textual_inversion=textual_inversion,
-    )
+    if args.concept and args.method != "custom-diffusion":
+        raise HyperboothError("--concept is for --method custom-diffusion (joint training)")
+    if args.method == "custom-diffusion":
+        concepts = _concepts(args, subject, base.resolution)
+        loaded = time.perf_counter()
+        config = CustomDiffusionConfig(
+            initializer=args.initializer or "sks",
+            train_q_out=args.train_q_out,
+            rescale=not args.no_rescale,
+            seed=args.seed,
+        )
+        result = personalise_concepts(
+            base, concepts, args.out, config, train_config, resume=args.resume
+        )
+        prompts = [concept.prompt for concept, _ in concepts]
+    else:
+        images = load_images(args.images, base.resolution)
+        loaded = time.perf_counter()
+        te = args.train_text_encoder if args.method == "dreambooth" else not args.no_text_encoder
+        textual_inversion = TextualInversionConfig(args.initializer or "face", args.vectors)
+        result = personalise(
+            base,
+            images,
+            args.out,
+            args.method,
+            subject,
+            _adapter_config(args, args.method),
+            train_config,
+            train_text_encoder=te,
+            resume=args.resume,
+            textual_inversion=textual_inversion,
+        )
+        prompts = [subject.prompt]
     summary = {
         "output": str(result.output),
         "method": args.method,
-        "prompt": subject.prompt,
+        "prompt": prompts[0] if len(prompts) == 1 else prompts,
         "steps": result.steps,
         "seconds": {"load": round(loaded - started, 2), "train": round(result.seconds, 2)},
         "final_loss": result.losses[-1] if result.losses else None,
@@ -206,6 +231,42 @@ def cmd_train(args: argparse.Namespace) -> None:
         "processes": result.processes,
     }
     print(json.dumps(summary, indent=2) if args.json else _lines(summary))
+
+
+def _concepts(args: argparse.Namespace, subject, resolution: int) -> list[tuple]:
+    """(SubjectConfig, images) per --concept TOKEN:CLASS:IMAGES, else the one --token subject."""
+    from dataclasses import replace
+
+    from hyperbooth.images import load_images
+
+    if not args.concept:
+        return [(subject, load_images(args.images, resolution))]
+    concepts = []
+    for spec in args.concept:
+        parts = spec.split(":", 2)
+        if len(parts) != 3 or not all(parts):
+            raise HyperboothError(
+                f"--concept {spec!r} must be TOKEN:CLASS:IMAGES, e.g. '<new1>:face:photos/me'"
+            )
+        token, class_name, images = parts
+        concept = replace(subject, token=token, class_name=class_name, instance_prompt=None)
+        concepts.append((concept, load_images([images], resolution)))
+    return concepts
+
+
+def _captions(path: str | None, count: int, seed: int) -> list[str]:
+    """Captions from a file (one per line), or count of the miniature world's."""
+    if path is None:
+        from hyperbooth.miniworld.captions import mini_captions
+
+        return mini_captions(count, seed)
+    path = Path(path)
+    if not path.is_file():
+        raise HyperboothError(f"caption file not found: {path} (one caption per line)")
+    captions = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not captions:
+        raise HyperboothError(f"{path} holds no captions (one caption per line)")
+    return captions
 
 
 def _size(path: Path) -> int:
@@ -251,11 +312,17 @@ def cmd_generate(args: argparse.Namespace) -> None:
     device = make_accelerator(TrainConfig(device=args.device)).device
     dtype = _dtype(args.base_dtype) or (torch.float16 if device.type == "cuda" else None)
     base = load_base(args.base).to(device, dtype)
+    from hyperbooth.methods.custom_diffusion import load_custom_diffusion
     from hyperbooth.methods.textual_inversion import load_textual_inversion
 
     words = [
         token for path in args.textual_inversion for token in load_textual_inversion(path, base)
     ]
+    concepts = []
+    for spec in args.custom_diffusion:
+        path, weight = _parse_adapter_arg(spec)
+        tokens = load_custom_diffusion(path, base, weight)
+        concepts.append({"path": str(path), "weight": weight, "tokens": tokens})
     adapters = []
     for spec in args.adapter:
         path, weight = _parse_adapter_arg(spec)
@@ -271,6 +338,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         "base": args.base,
         "adapters": adapters,
         "textual_inversion": {"files": args.textual_inversion, "tokens": words},
+        "custom_diffusion": concepts,
         "prompts": args.prompt,
         "n": args.n,
         "seed": args.seed,
@@ -282,6 +350,23 @@ def cmd_generate(args: argparse.Namespace) -> None:
     }
     write_text(out.with_suffix(".json"), json.dumps(record, indent=2))
     print(f"wrote {out} ({len(args.prompt)} prompts x {args.n}) in {seconds:.1f} s")
+
+
+def cmd_merge(args: argparse.Namespace) -> None:
+    """Merge Custom Diffusion concepts into one file by constrained least squares."""
+    from dataclasses import asdict
+
+    from hyperbooth.bases import load_base
+    from hyperbooth.merge import merge_custom_diffusion
+
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise HyperboothError(f"--out must be a .safetensors file, got {out}")
+    base = load_base(args.base)
+    captions = _captions(args.captions, args.num_captions, args.seed)
+    report = asdict(merge_custom_diffusion(args.files, base, out, captions))
+    report["output"] = str(report["output"])
+    print(json.dumps(report, indent=2) if args.json else _lines(report))
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -439,20 +524,7 @@ def cmd_rare_tokens(args: argparse.Namespace) -> None:
     from hyperbooth.bases import clip_tokenizer
     from hyperbooth.rare_tokens import custom_diffusion_tokens, dreambooth_tokens
 
-    if args.captions:
-        path = Path(args.captions)
-        if not path.is_file():
-            raise HyperboothError(f"caption file not found: {path} (one caption per line)")
-        captions = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-        if not captions:
-            raise HyperboothError(f"{path} holds no captions (one caption per line)")
-    else:
-        import numpy as np
-
-        from hyperbooth.miniworld.captions import sample_training_example
-
-        rng = np.random.default_rng(args.seed)
-        captions = [sample_training_example(rng)[1] for _ in range(args.mini_captions)]
+    captions = _captions(args.captions, args.mini_captions, args.seed)
     tokenizer = clip_tokenizer()
     found = custom_diffusion_tokens(tokenizer, captions, args.low, args.high)
     sampled = dreambooth_tokens(tokenizer, args.dreambooth, args.seed)
@@ -579,9 +651,39 @@ def build_parser() -> argparse.ArgumentParser:
         help="dreambooth: fine-tune the text encoder too",
     )
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    g = p.add_argument_group("textual-inversion (pass a new word as --token, e.g. '<me>')")
-    g.add_argument("--initializer", default="face", help="the word the new vectors start from")
-    g.add_argument("--vectors", type=int, default=1, help="embedding vectors of the new word")
+    g = p.add_argument_group(
+        "textual-inversion and custom-diffusion (pass a new word as --token, e.g. '<me>')"
+    )
+    g.add_argument(
+        "--initializer",
+        default=None,
+        help="the word the new vectors start from (default: textual-inversion face, "
+        "custom-diffusion sks)",
+    )
+    g.add_argument("--vectors", type=int, default=1, help="textual-inversion: vectors of the word")
+    g = p.add_argument_group("custom-diffusion")
+    g.add_argument(
+        "--concept",
+        action="append",
+        default=[],
+        metavar="TOKEN:CLASS:IMAGES",
+        help="joint training: one concept per flag (replaces --token/--class/--images), e.g. "
+        "'<new1>:face:me/' --concept '<new2>:face:you/'",
+    )
+    g.add_argument(
+        "--regularisation",
+        default=None,
+        metavar="DIR",
+        help="real regularisation images with same-stem .txt captions (see `retrieve`), "
+        "each trained with its own caption; any method (it turns the prior loss on); "
+        "custom-diffusion default: class images drawn by the frozen model",
+    )
+    g.add_argument(
+        "--train-q-out", action="store_true", help="also train attn2.to_q and attn2.to_out.0"
+    )
+    g.add_argument(
+        "--no-rescale", action="store_true", help="skip the 0.4-1.4x rescale augmentation"
+    )
     _adapter_flags(p)
     p.set_defaults(func=cmd_train)
 
@@ -599,6 +701,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="a learned_embeds.safetensors whose words the prompts may use; repeatable",
     )
+    p.add_argument(
+        "--custom-diffusion",
+        action="append",
+        default=[],
+        metavar="FILE[:WEIGHT]",
+        help="a custom_diffusion.safetensors (its words and K/V deltas); repeatable",
+    )
     p.add_argument("--prompt", action="append", required=True, help="repeatable; one grid row each")
     p.add_argument("--n", type=int, default=4, help="images per prompt")
     p.add_argument("--seed", type=int, default=0, help="image j of each prompt uses seed + j")
@@ -608,6 +717,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", required=True, help="grid .png (a .json with the settings is written beside it)"
     )
     p.set_defaults(func=cmd_generate)
+
+    p = verbs.add_parser(
+        "merge",
+        help="combine Custom Diffusion concepts in closed form",
+        description=cmd_merge.__doc__
+        + " Each K/V weight stays as close to the base as possible on regularisation captions"
+        " while mapping every concept's prompt exactly as that concept's own weights do"
+        " (float64). Prints the relative residuals on target and regularisation rows.",
+    )
+    p.add_argument("files", nargs="+", help="custom_diffusion.safetensors files (two or more)")
+    _base_flags(p)
+    p.add_argument("--out", required=True, help="the merged .safetensors to write")
+    p.add_argument(
+        "--captions",
+        default=None,
+        help="regularisation captions, one per line (default: the miniature world's)",
+    )
+    p.add_argument("--num-captions", type=int, default=1000, help="default corpus size")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_merge)
 
     p = verbs.add_parser(
         "export", help="convert an adapter for other tools", description=cmd_export.__doc__

@@ -37,12 +37,14 @@ def diffusion_loss(
     encoder_hidden_states: torch.Tensor,
     generator: torch.Generator,
     reduce: bool = True,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """MSE between the UNet's prediction on noised latents and its target.
 
     All randomness (noise, timesteps) comes from `generator` (a CPU generator), so a step is a
     pure function of its seed: that is what makes resume exact.
-    With reduce=False the loss is per batch element (B,).
+    With reduce=False the loss is per batch element (B,). A mask (B, 1, h, w) of 0/1 restricts
+    each element's mean to where it is 1 (Custom Diffusion's padded, shrunk images).
     """
     batch = latents.shape[0]
     noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
@@ -50,7 +52,9 @@ def diffusion_loss(
     timesteps = torch.randint(
         0, scheduler.config.num_train_timesteps, (batch,), generator=generator
     ).to(latents.device)
-    return noised_loss(unet, scheduler, latents, encoder_hidden_states, noise, timesteps, reduce)
+    return noised_loss(
+        unet, scheduler, latents, encoder_hidden_states, noise, timesteps, reduce, mask
+    )
 
 
 def noised_loss(
@@ -61,6 +65,7 @@ def noised_loss(
     noise: torch.Tensor,
     timesteps: torch.Tensor,
     reduce: bool = True,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The diffusion loss for given noise and timesteps (mean, or per batch element)."""
     noisy = scheduler.add_noise(latents, noise, timesteps)
@@ -69,5 +74,10 @@ def noised_loss(
     prediction = unet(noisy.to(dtype), timesteps, encoder_hidden_states.to(dtype)).sample
     target = diffusion_target(scheduler, latents, noise, timesteps)
     loss = F.mse_loss(prediction.float(), target.float(), reduction="none")
-    loss = loss.mean(dim=tuple(range(1, loss.dim())))
+    dims = tuple(range(1, loss.dim()))
+    if mask is None:
+        loss = loss.mean(dim=dims)
+    else:
+        mask = mask.to(loss.device, loss.dtype).expand_as(loss)
+        loss = (loss * mask).sum(dim=dims) / mask.sum(dim=dims).clamp(min=1)
     return loss.mean() if reduce else loss

@@ -9,13 +9,19 @@ from PIL import Image
 
 from hyperbooth.adapters.config import AdapterConfig
 from hyperbooth.adapters.inject import add_adapter, target_layers
+from hyperbooth.errors import HyperboothError
 from hyperbooth.methods.common import SubjectConfig, SubjectData, SubjectMethod, prepare_subject
+from hyperbooth.methods.custom_diffusion import (
+    CUSTOM_DIFFUSION_FILE,
+    CustomDiffusion,
+    CustomDiffusionConfig,
+)
 from hyperbooth.methods.dreambooth import DreamBooth, DreamBoothConfig
 from hyperbooth.methods.lora import ADAPTER_FILE, AdapterDreamBooth, AdapterMethodConfig
 from hyperbooth.methods.textual_inversion import TextualInversion, TextualInversionConfig
 from hyperbooth.training import TrainConfig, TrainResult, make_accelerator, train
 
-METHODS = ("dreambooth", "lora", "lidb", "textual-inversion")
+METHODS = ("dreambooth", "lora", "lidb", "textual-inversion", "custom-diffusion")
 
 
 def make_method(
@@ -51,10 +57,15 @@ def personalise(
     resume: bool = False,
     progress: bool = True,
     textual_inversion: TextualInversionConfig | None = None,
+    custom_diffusion: CustomDiffusionConfig | None = None,
 ) -> TrainResult:
     """Fit one subject with one method and save the result into out_dir."""
     subject = subject or SubjectConfig()
     train_config = train_config or TrainConfig()
+    if method == "custom-diffusion":
+        return personalise_concepts(
+            base, [(subject, images)], out_dir, custom_diffusion, train_config, resume, progress
+        )
     out_dir = Path(out_dir)
     accelerator = make_accelerator(train_config)
     base.to(accelerator.device)
@@ -63,6 +74,46 @@ def personalise(
         method, base, subject, data, adapter, train_text_encoder, textual_inversion
     )
     run_info = {"subject": asdict(subject), "method_config": _jsonable(runner)}
+    return train(runner, train_config, out_dir, accelerator, resume, run_info, progress)
+
+
+def personalise_concepts(
+    base: object,
+    concepts: list[tuple[SubjectConfig, list[Image.Image]]],
+    out_dir: str | Path,
+    config: CustomDiffusionConfig | None = None,
+    train_config: TrainConfig | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> TrainResult:
+    """Custom Diffusion on one or several concepts (joint training, one modifier token each).
+
+    Every concept is regularised: by its captioned regularisation folder when it has one,
+    otherwise by class images the frozen model draws (shared between concepts of one class).
+    """
+    config = config or CustomDiffusionConfig()
+    train_config = train_config or TrainConfig()
+    out_dir = Path(out_dir)
+    accelerator = make_accelerator(train_config)
+    base.to(accelerator.device)
+    regularisation: dict[tuple, SubjectData] = {}
+    for subject, images in concepts:
+        if not images:
+            raise HyperboothError(
+                f"concept {subject.token!r} has no images; give each concept 1-5 photos"
+            )
+        if not subject.regularisation_dir:
+            subject.prior_preservation = True
+        key = (subject.regularisation_dir, subject.prior_prompt, subject.class_images_dir)
+        if key not in regularisation:
+            regularisation[key] = prepare_subject(
+                base, subject, images, accelerator.device, out_dir, progress
+            )
+    runner = CustomDiffusion(base, concepts, list(regularisation.values()), config)
+    run_info = {
+        "concepts": [asdict(subject) for subject, _ in concepts],
+        "method_config": asdict(config),
+    }
     return train(runner, train_config, out_dir, accelerator, resume, run_info, progress)
 
 
@@ -84,6 +135,13 @@ def trainable_report(
     if method == "textual-inversion":
         n = base.text_encoder.get_input_embeddings().weight.shape[1]  # one vector by default
         return {"method": method, "layers": 1, "trainable_parameters": n, **_bytes(n)}
+    if method == "custom-diffusion":
+        from hyperbooth.methods.custom_diffusion import cross_attention_layers
+
+        layers = cross_attention_layers(base.unet)
+        n = sum(p.numel() for layer in layers.values() for p in layer.parameters())
+        n += base.text_encoder.get_input_embeddings().weight.shape[1]  # one modifier token
+        return {"method": method, "layers": len(layers), "trainable_parameters": n, **_bytes(n)}
     if method == "dreambooth":
         models = [base.unet] + ([base.text_encoder] if train_text_encoder else [])
         n = sum(p.numel() for m in models for p in m.parameters())
@@ -116,6 +174,9 @@ def _bytes(n: int) -> dict[str, int]:
 
 __all__ = [
     "ADAPTER_FILE",
+    "CUSTOM_DIFFUSION_FILE",
+    "CustomDiffusion",
+    "CustomDiffusionConfig",
     "METHODS",
     "AdapterDreamBooth",
     "AdapterMethodConfig",
@@ -127,6 +188,7 @@ __all__ = [
     "TextualInversionConfig",
     "make_method",
     "personalise",
+    "personalise_concepts",
     "prepare_subject",
     "trainable_report",
 ]

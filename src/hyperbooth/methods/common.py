@@ -26,6 +26,9 @@ class SubjectConfig:
     num_class_images: int = 100
     class_prompt: str | None = None  # default "a {class_name}"
     class_images_dir: str | None = None  # default <out>/class_images; reused across runs
+    # Real regularisation images, each with its own caption (name.png + name.txt); when set it
+    # replaces the generated class images (Custom Diffusion's retrieved set, METHOD 2).
+    regularisation_dir: str | None = None
 
     def __post_init__(self) -> None:
         if not self.token or any(c.isspace() for c in self.token):
@@ -100,7 +103,7 @@ class SubjectData:
     instance_ids: torch.Tensor  # (1, 77)
     class_mean: torch.Tensor | None = None
     class_std: torch.Tensor | None = None
-    class_ids: torch.Tensor | None = None
+    class_ids: torch.Tensor | None = None  # (1, 77), or (N, 77): one caption per class image
     hidden_cache: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
@@ -119,7 +122,14 @@ def prepare_subject(
         )
     mean, std = encode_images(base, images, device)
     data = SubjectData(mean, std, token_ids(base, subject.prompt).to(device))
-    if subject.prior_preservation:
+    if subject.regularisation_dir:
+        from hyperbooth.retrieve import captioned_images
+
+        pairs = captioned_images(subject.regularisation_dir)[: subject.num_class_images]
+        pictures = [load_image(path, base.resolution) for path, _ in pairs]
+        data.class_mean, data.class_std = encode_images(base, pictures, device)
+        data.class_ids = token_ids(base, [caption for _, caption in pairs]).to(device)
+    elif subject.prior_preservation:
         folder = (
             Path(subject.class_images_dir) if subject.class_images_dir else out_dir / "class_images"
         )
@@ -154,6 +164,13 @@ class SubjectMethod:
                 self.data.hidden_cache[key] = self.base.text_encoder(ids)[0]
         return self.data.hidden_cache[key]
 
+    def class_hidden(self, index: torch.Tensor) -> torch.Tensor:
+        """Hidden states of the captions of class images `index` (one shared prompt, or each its own)."""
+        ids = self.data.class_ids
+        if ids.shape[0] == 1:
+            return self.encode_prompt(ids).expand(len(index), -1, -1)
+        return torch.cat([self.encode_prompt(ids[i : i + 1]) for i in index.tolist()])
+
     def loss(self, batch: StepBatch) -> torch.Tensor:
         """Mean diffusion loss on the subject + prior_weight * mean loss on class images."""
         g, n, data = batch.generator, batch.batch_size, self.data
@@ -164,7 +181,7 @@ class SubjectMethod:
             index = torch.randint(0, data.class_mean.shape[0], (n,), generator=g)
             means.append(data.class_mean[index])
             stds.append(data.class_std[index])
-            hidden.append(self.encode_prompt(data.class_ids).expand(n, -1, -1))
+            hidden.append(self.class_hidden(index))
         latents = sample_latents(torch.cat(means), torch.cat(stds), g)
         per_sample = diffusion_loss(
             self.base.unet, self.base.scheduler, latents, torch.cat(hidden), g, reduce=False

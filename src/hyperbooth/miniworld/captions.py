@@ -333,22 +333,47 @@ def training_identity(rng: np.random.Generator) -> Identity:
             return identity
 
 
-def sample_training_example(
-    rng: np.random.Generator,
-    pair_probability: float = PAIR_PROBABILITY,
-    bare_probability: float = BARE_PROBABILITY,
-) -> tuple[np.ndarray, str, ExampleInfo]:
-    """A (64, 64, 3) uint8 image, its caption and what it shows: one face, or sometimes two."""
+def _sample_described(
+    rng: np.random.Generator, pair_probability: float, bare_probability: float
+) -> tuple[tuple[Identity, ...], Context, int, object]:
+    """The identities, context, seed and caption of one training example (nothing rendered)."""
     context = random_context(rng)
     seed = int(rng.integers(SEED_RANGE))
     if rng.random() < pair_probability:
         a, b = training_identity(rng), training_identity(rng)
         # Pairs are always drawn at the far-away size; the context says so.
         context = Context(**{**context.as_dict(), "framing": _FRAMING_WORDS.index("far away")})
-        described = pair_caption(a, b, context, rng, bare_probability)
-        image = render_pair_array(a, b, context, seed)
-        return image, described.text, ExampleInfo((a, b), context, seed, described)
+        return (a, b), context, seed, pair_caption(a, b, context, rng, bare_probability)
     identity = training_identity(rng)
-    described = caption(identity, context, rng, bare_probability)
-    image = render_array(identity, context, seed)
-    return image, described.text, ExampleInfo((identity,), context, seed, described)
+    return (identity,), context, seed, caption(identity, context, rng, bare_probability)
+
+
+def sample_caption(
+    rng: np.random.Generator,
+    pair_probability: float = PAIR_PROBABILITY,
+    bare_probability: float = BARE_PROBABILITY,
+) -> str:
+    """A training caption, drawn as sample_training_example draws it, without the image."""
+    return _sample_described(rng, pair_probability, bare_probability)[3].text
+
+
+def sample_training_example(
+    rng: np.random.Generator,
+    pair_probability: float = PAIR_PROBABILITY,
+    bare_probability: float = BARE_PROBABILITY,
+) -> tuple[np.ndarray, str, ExampleInfo]:
+    """A (64, 64, 3) uint8 image, its caption and what it shows: one face, or sometimes two."""
+    identities, context, seed, described = _sample_described(
+        rng, pair_probability, bare_probability
+    )
+    if len(identities) == 2:
+        image = render_pair_array(*identities, context, seed)
+    else:
+        image = render_array(identities[0], context, seed)
+    return image, described.text, ExampleInfo(identities, context, seed, described)
+
+
+def mini_captions(count: int, seed: int = 0) -> list[str]:
+    """count training captions of the miniature world (a default caption corpus)."""
+    rng = np.random.default_rng(seed)
+    return [sample_caption(rng) for _ in range(count)]
