@@ -94,3 +94,26 @@ def test_the_cli_trains_and_generates_with_the_new_word(tmp_path):
     ]
     generate += ["--prompt", "a <me> face", "--n", "1", "--steps", "2", "--out", str(grid)]
     assert cli(generate) == 0 and grid.is_file()
+
+
+def test_prompt_templates_train_the_word_in_every_template(tiny_base, tmp_path):
+    from hyperbooth.methods import TextualInversion, prepare_subject
+    from hyperbooth.methods.textual_inversion import MINI_TEMPLATES, read_templates
+
+    subject = SubjectConfig(token="<me>")
+    image = Image.new("RGB", (32, 32), (190, 90, 40))
+    data = prepare_subject(tiny_base, subject, [image], torch.device("cpu"), tmp_path, False)
+    config = TextualInversionConfig(templates=read_templates("mini"))
+    method = TextualInversion(tiny_base, subject, data, config)
+    assert data.instance_ids.shape[0] == len(MINI_TEMPLATES)
+    word = tiny_base.tokenizer.convert_tokens_to_ids("<me>")
+    assert all(word in row.tolist() for row in data.instance_ids)
+    from hyperbooth.training import StepBatch
+
+    loss = method.loss(StepBatch(torch.Generator().manual_seed(0), 3))
+    loss.backward()
+    assert method.vectors.grad is not None and method.vectors.grad.abs().sum() > 0
+    with pytest.raises(HyperboothError, match="exactly one"):
+        TextualInversionConfig(templates=("a photo of a face",))
+    with pytest.raises(HyperboothError, match="templates"):
+        read_templates(str(tmp_path / "missing.txt"))

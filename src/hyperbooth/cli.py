@@ -157,6 +157,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         personalise,
         personalise_concepts,
     )
+    from hyperbooth.methods.textual_inversion import read_templates
     from hyperbooth.training import TrainConfig
 
     subject = SubjectConfig(
@@ -206,7 +207,9 @@ def cmd_train(args: argparse.Namespace) -> None:
         images = load_images(args.images, base.resolution)
         loaded = time.perf_counter()
         te = args.train_text_encoder if args.method == "dreambooth" else not args.no_text_encoder
-        textual_inversion = TextualInversionConfig(args.initializer or "face", args.vectors)
+        textual_inversion = TextualInversionConfig(
+            args.initializer or "face", args.vectors, read_templates(args.templates)
+        )
         result = personalise(
             base,
             images,
@@ -661,6 +664,13 @@ def build_parser() -> argparse.ArgumentParser:
         "custom-diffusion sks)",
     )
     g.add_argument("--vectors", type=int, default=1, help="textual-inversion: vectors of the word")
+    g.add_argument(
+        "--templates",
+        default=None,
+        help="textual-inversion: train in prompt templates instead of --prompt: 'photo' (the "
+        "paper's 27), 'mini' (the miniature world's words) or a file, one template with {} "
+        "per line",
+    )
     g = p.add_argument_group("custom-diffusion")
     g.add_argument(
         "--concept",

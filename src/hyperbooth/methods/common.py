@@ -100,7 +100,7 @@ class SubjectData:
 
     instance_mean: torch.Tensor  # (N, 4, h, w)
     instance_std: torch.Tensor
-    instance_ids: torch.Tensor  # (1, 77)
+    instance_ids: torch.Tensor  # (1, 77), or (T, 77): prompt templates, one drawn per sample
     class_mean: torch.Tensor | None = None
     class_std: torch.Tensor | None = None
     class_ids: torch.Tensor | None = None  # (1, 77), or (N, 77): one caption per class image
@@ -176,7 +176,11 @@ class SubjectMethod:
         g, n, data = batch.generator, batch.batch_size, self.data
         index = torch.randint(0, data.instance_mean.shape[0], (n,), generator=g)
         means, stds = [data.instance_mean[index]], [data.instance_std[index]]
-        hidden = [self.encode_prompt(data.instance_ids).expand(n, -1, -1)]
+        if data.instance_ids.shape[0] == 1:
+            hidden = [self.encode_prompt(data.instance_ids).expand(n, -1, -1)]
+        else:  # prompt templates: each sample draws one
+            pick = torch.randint(0, data.instance_ids.shape[0], (n,), generator=g)
+            hidden = [self.encode_prompt(data.instance_ids[pick.to(data.instance_ids.device)])]
         if data.class_mean is not None:
             index = torch.randint(0, data.class_mean.shape[0], (n,), generator=g)
             means.append(data.class_mean[index])

@@ -24,16 +24,84 @@ from hyperbooth.methods.common import SubjectConfig, SubjectData, SubjectMethod,
 LEARNED_EMBEDS = "learned_embeds.safetensors"
 
 
+# The Textual Inversion paper's object templates (its code's imagenet_templates_small).
+PHOTO_TEMPLATES = (
+    "a photo of a {}",
+    "a rendering of a {}",
+    "a cropped photo of the {}",
+    "the photo of a {}",
+    "a photo of a clean {}",
+    "a photo of a dirty {}",
+    "a dark photo of the {}",
+    "a photo of my {}",
+    "a photo of the cool {}",
+    "a close-up photo of a {}",
+    "a bright photo of the {}",
+    "a cropped photo of a {}",
+    "a photo of the {}",
+    "a good photo of the {}",
+    "a photo of one {}",
+    "a close-up photo of the {}",
+    "a rendition of the {}",
+    "a photo of the clean {}",
+    "a rendition of a {}",
+    "a photo of a nice {}",
+    "a good photo of a {}",
+    "a photo of the nice {}",
+    "a photo of the small {}",
+    "a photo of the weird {}",
+    "a photo of the large {}",
+    "a photo of a cool {}",
+    "a photo of a small {}",
+)
+# The same idea in the miniature world's own words (it has never seen "photo").
+MINI_TEMPLATES = (
+    "a {}",
+    "a {} face",
+    "a picture of a {}",
+    "a close up {}",
+    "a portrait of a {}",
+    "a {} in a picture",
+)
+TEMPLATE_SETS = {"photo": PHOTO_TEMPLATES, "mini": MINI_TEMPLATES}
+
+
 @dataclass
 class TextualInversionConfig:
-    """The new word: how many vectors, and the existing word they start from."""
+    """The new word: how many vectors, the word they start from, and the prompts it trains in.
+
+    templates: None trains on the subject prompt alone; otherwise each sample draws one
+    template ("a photo of a {}"; {} becomes the new word, as in the paper).
+    """
 
     initializer: str = "face"
     vectors: int = 1
+    templates: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.vectors < 1:
             raise HyperboothError(f"--vectors must be >= 1, got {self.vectors}")
+        if self.templates is not None:
+            bad = [t for t in self.templates if t.count("{}") != 1]
+            if bad or not self.templates:
+                raise HyperboothError(
+                    f"every prompt template needs exactly one {{}} for the word, got {bad[:1]}"
+                )
+
+
+def read_templates(spec: str | None) -> tuple[str, ...] | None:
+    """--templates: a built-in set name (photo, mini) or a file with one template per line."""
+    if spec is None:
+        return None
+    if spec in TEMPLATE_SETS:
+        return TEMPLATE_SETS[spec]
+    path = Path(spec)
+    if not path.is_file():
+        raise HyperboothError(
+            f"--templates {spec!r} is neither {' nor '.join(TEMPLATE_SETS)} nor a file of "
+            "templates (one per line, each with {} where the word goes)"
+        )
+    return tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
 
 
 def token_names(token: str, vectors: int) -> list[str]:
@@ -81,10 +149,12 @@ class TextualInversion(SubjectMethod):
         self.token_ids = torch.tensor(add_new_token(base, subject.token, config.vectors))
         # The prompt was tokenised before the word existed: again, now that it is one token
         # (several vectors: the prompt names token token_1 ... as diffusers writes them).
-        prompt = subject.prompt.replace(
-            subject.token, " ".join(token_names(subject.token, config.vectors))
-        )
-        data.instance_ids = token_ids(base, prompt).to(data.instance_ids.device)
+        word = " ".join(token_names(subject.token, config.vectors))
+        if config.templates:
+            prompts = [template.format(word) for template in config.templates]
+        else:
+            prompts = [subject.prompt.replace(subject.token, word)]
+        data.instance_ids = token_ids(base, prompts).to(data.instance_ids.device)
         embedding = base.text_encoder.get_input_embeddings()
         self.frozen = embedding.weight.detach().clone()
         start = self.frozen[initial[0]].clone()
