@@ -10,10 +10,12 @@ from hyperbooth.bases import load_base
 from hyperbooth.miniworld.evaluate import (
     EVALUATION_CONTEXTS,
     PersonalisationConfig,
+    TwoConceptConfig,
     held_out_identities,
     obedience,
     personalisation,
     subject_prompt,
+    two_concepts,
 )
 from hyperbooth.miniworld.judges import JudgeConfig, train_judge
 from hyperbooth.miniworld.render import held_out
@@ -91,3 +93,30 @@ def test_conditioning_gain_reports_both_losses_per_noise_band(toy_world):
     result = conditioning_gain(base, count=4, bands=2)
     assert result["band_start"] == [0, 500]
     assert all(v > 0 for v in result["captioned"] + result["empty"])
+
+
+@pytest.mark.parametrize("method", ["textual-inversion", "custom-diffusion"])
+def test_new_word_methods_personalise_under_their_own_token(toy_world, method):
+    base, judge = toy_world
+    config = PersonalisationConfig(
+        method=method,
+        identities=1,
+        steps=2,
+        images_per_prompt=1,
+        sampling_steps=2,
+        regularisation_images=2,
+    )
+    result = personalisation(base, judge, config, progress=False)
+    assert all(p.startswith("a <sks> face") for p in result["prompts"])
+    assert result["identities"][0]["stored_bytes"] > 0
+
+
+def test_two_concepts_scores_every_approach_and_the_base(toy_world):
+    base, judge = toy_world
+    config = TwoConceptConfig(
+        pairs=1, steps=2, images=1, sampling_steps=2, regularisation_images=2, threshold=0.0
+    )
+    result = two_concepts(base, judge, config, progress=False)
+    assert set(result["summary"]) == {"joint", "merge", "weighting", "base"}
+    # threshold 0: every half counts as either subject, so "both" must be 1 everywhere
+    assert all(scores["both"] == 1.0 for scores in result["summary"].values())

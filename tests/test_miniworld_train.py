@@ -55,3 +55,15 @@ def test_toy_run_exports_a_loadable_diffusers_folder(tmp_path):
     losses2 = json.loads((tmp_path / "work" / "losses.json").read_text())
     assert losses2["vae"] == losses["vae"] and losses2["denoiser"][:3] == losses["denoiser"]
     assert len(losses2["denoiser"]) == 4
+
+
+def test_the_mini_schedule_has_zero_terminal_snr_and_keeps_weight_there():
+    import torch
+
+    from hyperbooth.miniworld.train_base import MiniConfig, build_models, snr_weights
+
+    scheduler = build_models(MiniConfig(**{**TOY, "sample_every": 0})).scheduler
+    assert scheduler.config.prediction_type == "v_prediction"
+    assert float(scheduler.alphas_cumprod[-1]) < 1e-6  # no signal left at t=999
+    weights = snr_weights(scheduler, torch.tensor([0, 500, 999]), gamma=5.0)
+    assert weights[2] == 1.0 and weights[0] < 0.01  # pure noise keeps full weight

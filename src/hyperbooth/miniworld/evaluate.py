@@ -3,6 +3,7 @@
     python -m hyperbooth.miniworld.evaluate obedience --out docs/mini_obedience.json
     python -m hyperbooth.miniworld.evaluate personalisation --method lidb --out docs/...json
     python -m hyperbooth.miniworld.evaluate conditioning --out runs/conditioning.json
+    python -m hyperbooth.miniworld.evaluate two-concepts --out docs/...json
 
 Obedience: generated images for random captions (fixed seeds); the fraction of the context
 attributes and of the nameable traits each prompt asks for that the judges see.
@@ -10,6 +11,8 @@ Personalisation: for held-out identities (never in the training set), one refere
 one adapter -> images in new prompts; identity score, hidden-trait accuracy and prompt score, next
 to the same prompts on the base model without the subject.
 Conditioning: how much the denoiser's loss drops when it sees the caption (no sampling).
+Two concepts: pairs of held-out identities fitted three ways (Custom Diffusion joint, Custom
+Diffusion merged, two LiDBs by weight); the share of two-face images showing both.
 """
 
 from __future__ import annotations
@@ -224,13 +227,38 @@ def conditioning_gain(
 class PersonalisationConfig:
     """What `personalisation` fits and how it samples."""
 
-    method: str = "lidb"
+    method: str = "lidb"  # lidb, lora, dreambooth, textual-inversion, custom-diffusion
     identities: int = 20
     steps: int = 400
     learning_rate: float | None = None  # None: the method's default
     images_per_prompt: int = 2
     sampling_steps: int = 20
     seed: int = 0
+    regularisation_images: int = 200  # custom-diffusion: captioned training renders
+
+    @property
+    def token(self) -> str:
+        """The subject's word: methods that add a new word need one the tokenizer lacks."""
+        return "<sks>" if self.method in NEW_WORD_METHODS else TOKEN
+
+
+NEW_WORD_METHODS = ("textual-inversion", "custom-diffusion")
+
+
+def regularisation_folder(folder: Path, count: int, seed: int = 0) -> Path:
+    """count training renders with their captions (name.png + name.txt): a real regularisation set."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng([seed, 0x7265])  # "re"
+    for i in range(count):
+        pixels, text, _ = sample_training_example(rng, pair_probability=0.0)
+        Image.fromarray(pixels).save(folder / f"reg_{i:05d}.png")
+        (folder / f"reg_{i:05d}.txt").write_text(text)
+    return folder
+
+
+def _size(path: Path) -> int:
+    """Bytes of a file, or of every file under a folder."""
+    return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*"))
 
 
 def score_images(
@@ -258,10 +286,15 @@ def personalisation(
     base: object, judge: Judge, config: PersonalisationConfig, progress: bool = True
 ) -> dict:
     """Fit each held-out identity from one reference render; score it and the bare base."""
-    from hyperbooth.methods import SubjectConfig, personalise
+    from hyperbooth.methods import (
+        CustomDiffusionConfig,
+        SubjectConfig,
+        TextualInversionConfig,
+        personalise,
+    )
     from hyperbooth.training import TrainConfig
 
-    prompts = [subject_prompt(names) for names in EVALUATION_CONTEXTS]
+    prompts = [subject_prompt(names, config.token) for names in EVALUATION_CONTEXTS]
     plain_prompts = [subject_prompt(names, token=None) for names in EVALUATION_CONTEXTS]
     generate = {
         "n": config.images_per_prompt,
@@ -272,6 +305,15 @@ def personalisation(
     }
     plain_rows = generate_images(base, plain_prompts, **generate)
     rows = []
+    shared = tempfile.TemporaryDirectory()
+    regularisation = None
+    if config.method == "custom-diffusion":
+        regularisation = str(
+            regularisation_folder(
+                Path(shared.name) / "regularisation", config.regularisation_images, config.seed
+            )
+        )
+    adapter = AdapterConfig(kind=config.method) if config.method in ("lidb", "lora") else None
     for index, identity in enumerate(
         tqdm(held_out_identities(config.identities, config.seed), disable=not progress)
     ):
@@ -283,8 +325,10 @@ def personalisation(
                 [reference],
                 out,
                 config.method,
-                SubjectConfig(token=TOKEN, class_name="face"),
-                AdapterConfig(kind=config.method) if config.method != "dreambooth" else None,
+                SubjectConfig(
+                    token=config.token, class_name="face", regularisation_dir=regularisation
+                ),
+                adapter,
                 TrainConfig(
                     steps=config.steps,
                     learning_rate=config.learning_rate,
@@ -292,8 +336,10 @@ def personalisation(
                     device="cpu",
                 ),
                 progress=False,
+                textual_inversion=TextualInversionConfig(initializer="face"),
+                custom_diffusion=CustomDiffusionConfig(seed=config.seed),
             )
-            stored = result.output.stat().st_size
+            stored = _size(result.output)
         started = time.perf_counter()
         images = generate_images(subject, prompts, **generate)
         row = {
@@ -305,6 +351,7 @@ def personalisation(
             "base": score_images(judge, identity, plain_rows),
         }
         rows.append(row)
+    shared.cleanup()
     summary = {
         side: {
             score: float(np.mean([row[side][score] for row in rows]))
@@ -322,18 +369,201 @@ def personalisation(
     }
 
 
+# --- Two concepts in one picture (issue 6) ---------------------------------------------------------
+
+
+@dataclass
+class TwoConceptConfig:
+    """How `two_concepts` fits each pair of identities and what counts as recognised."""
+
+    pairs: int = 8
+    steps: int = 400  # per single concept; joint training runs twice as many (the paper: 250/500)
+    learning_rate: float | None = None  # custom-diffusion (None: its default)
+    lidb_learning_rate: float | None = None
+    images: int = 4
+    sampling_steps: int = 20
+    seed: int = 0
+    threshold: float = 0.7  # a face half is a subject when this share of its traits match
+    regularisation_images: int = 200
+
+
+TWO_CONCEPT_APPROACHES = ("joint", "merge", "weighting")
+# Weighting combines two LiDBs, each trained on its own rare word that the tokenizer knows.
+LIDB_WORDS = ("sks", "phol")
+
+
+def both_recognised(
+    judge: Judge, images: Sequence[Image.Image], a: Identity, b: Identity, threshold: float
+) -> dict:
+    """Share of two-face images showing both subjects (either order), and the mean scores."""
+    both, either, best = [], [], []
+    for left, right in judge.read_pairs(images):
+        la, lb = identity_score(a, left.identity)[0], identity_score(b, left.identity)[0]
+        ra, rb = identity_score(a, right.identity)[0], identity_score(b, right.identity)[0]
+        hits = [
+            (la >= threshold and rb >= threshold),
+            (lb >= threshold and ra >= threshold),
+        ]
+        both.append(any(hits))
+        either.append(max(la, lb, ra, rb) >= threshold)
+        best.append(max((la + rb) / 2, (lb + ra) / 2))
+    return {
+        "both": float(np.mean(both)),
+        "either": float(np.mean(either)),
+        "identity": float(np.mean(best)),
+    }
+
+
+def two_concepts(
+    base: object, judge: Judge, config: TwoConceptConfig, progress: bool = True
+) -> dict:
+    """Fit pairs of held-out identities three ways; how often are both drawn in one picture?
+
+    joint: Custom Diffusion on both at once; merge: Custom Diffusion on each, then the
+    closed-form merge; weighting: a LiDB per subject (words sks / phol), both loaded at weight 1.
+    """
+    from hyperbooth.adapters.files import load_adapters
+    from hyperbooth.merge import merge_custom_diffusion
+    from hyperbooth.methods import (
+        CustomDiffusionConfig,
+        SubjectConfig,
+        personalise,
+        personalise_concepts,
+    )
+    from hyperbooth.methods.custom_diffusion import load_custom_diffusion
+    from hyperbooth.training import TrainConfig
+
+    identities = held_out_identities(2 * config.pairs, config.seed + 1)
+    work = tempfile.TemporaryDirectory()
+    root = Path(work.name)
+    regularisation = str(
+        regularisation_folder(root / "regularisation", config.regularisation_images, config.seed)
+    )
+    sample = {
+        "n": config.images,
+        "seed": config.seed + 2000,
+        "steps": config.sampling_steps,
+        "batch_size": 8,
+        "progress": False,
+    }
+
+    def train_config(steps: int, lr: float | None) -> TrainConfig:
+        return TrainConfig(steps=steps, learning_rate=lr, seed=config.seed, device="cpu")
+
+    def concept(token: str) -> SubjectConfig:
+        return SubjectConfig(token=token, class_name="face", regularisation_dir=regularisation)
+
+    cd = CustomDiffusionConfig(seed=config.seed)
+    cd_prompt = "a <a> face next to a <b> face"
+    rows = []
+    for p in tqdm(range(config.pairs), disable=not progress, desc="pairs"):
+        a, b = identities[2 * p], identities[2 * p + 1]
+        refs = [render(x, REFERENCE_CONTEXT, config.seed + 2 * p + k) for k, x in enumerate((a, b))]
+        out = root / f"pair{p}"
+        row: dict = {"identities": [a.index, b.index]}
+        seconds: dict = {}
+        # joint training
+        started = time.perf_counter()
+        model = copy.deepcopy(base)
+        personalise_concepts(
+            model,
+            [(concept("<a>"), [refs[0]]), (concept("<b>"), [refs[1]])],
+            out / "joint",
+            cd,
+            train_config(2 * config.steps, config.learning_rate),
+            progress=False,
+        )
+        seconds["joint"] = time.perf_counter() - started
+        images = {"joint": generate_images(model, [cd_prompt], **sample)[0]}
+        # separate training, then the closed-form merge
+        started = time.perf_counter()
+        files = []
+        for token, ref in zip(("<a>", "<b>"), refs, strict=True):
+            result = personalise(
+                copy.deepcopy(base),
+                [ref],
+                out / token.strip("<>"),
+                "custom-diffusion",
+                concept(token),
+                train_config=train_config(config.steps, config.learning_rate),
+                progress=False,
+                custom_diffusion=cd,
+            )
+            files.append(result.output)
+        merged = out / "merged.safetensors"
+        merge_custom_diffusion(files, copy.deepcopy(base), merged)
+        model = copy.deepcopy(base)
+        load_custom_diffusion(merged, model)
+        seconds["merge"] = time.perf_counter() - started
+        images["merge"] = generate_images(model, [cd_prompt], **sample)[0]
+        # two LiDBs combined by weight
+        started = time.perf_counter()
+        model = copy.deepcopy(base)
+        for word, ref in zip(LIDB_WORDS, refs, strict=True):
+            result = personalise(
+                copy.deepcopy(base),
+                [ref],
+                out / word,
+                "lidb",
+                SubjectConfig(token=word, class_name="face"),
+                AdapterConfig(kind="lidb"),
+                train_config(config.steps, config.lidb_learning_rate),
+                progress=False,
+            )
+            load_adapters(result.output, model, name=f"subject_{word}", weight=1.0)
+        seconds["weighting"] = time.perf_counter() - started
+        lidb_prompt = f"a {LIDB_WORDS[0]} face next to a {LIDB_WORDS[1]} face"
+        images["weighting"] = generate_images(model, [lidb_prompt], **sample)[0]
+        images["base"] = generate_images(base, ["a face next to a face"], **sample)[0]
+        row["scores"] = {
+            name: both_recognised(judge, pictures, a, b, config.threshold)
+            for name, pictures in images.items()
+        }
+        row["fit_seconds"] = seconds
+        rows.append(row)
+    work.cleanup()
+    names = (*TWO_CONCEPT_APPROACHES, "base")
+    summary = {
+        name: {
+            score: float(np.mean([row["scores"][name][score] for row in rows]))
+            for score in ("both", "either", "identity")
+        }
+        for name in names
+    }
+    return {
+        "config": asdict(config),
+        "prompts": {"custom-diffusion": cd_prompt, "weighting": lidb_prompt},
+        "summary": summary,
+        "fit_seconds_mean": {
+            name: float(np.mean([row["fit_seconds"][name] for row in rows]))
+            for name in TWO_CONCEPT_APPROACHES
+        },
+        "pairs": rows,
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Run one measurement on a base (default `mini`) and write its JSON."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("what", choices=("obedience", "personalisation", "conditioning"))
+    parser.add_argument(
+        "what", choices=("obedience", "personalisation", "conditioning", "two-concepts")
+    )
     parser.add_argument("--base", default="mini")
     parser.add_argument("--out", required=True, help="JSON file to write")
     parser.add_argument("--prompts", type=int, default=200, help="obedience: single-face prompts")
     parser.add_argument("--pair-prompts", type=int, default=50, help="obedience: two-face prompts")
-    parser.add_argument("--method", default="lidb", help="personalisation: lidb, lora, dreambooth")
+    parser.add_argument(
+        "--method",
+        default="lidb",
+        help="personalisation: lidb, lora, dreambooth, textual-inversion, custom-diffusion",
+    )
     parser.add_argument("--identities", type=int, default=20)
+    parser.add_argument("--pairs", type=int, default=8, help="two-concepts: identity pairs")
+    parser.add_argument(
+        "--lidb-learning-rate", type=float, default=None, help="two-concepts: the LiDBs' rate"
+    )
     parser.add_argument("--steps", type=int, default=400, help="personalisation: training steps")
     parser.add_argument("--learning-rate", type=float, default=None)
     parser.add_argument("--seed", type=int, default=0)
@@ -347,6 +577,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         report = conditioning_gain(base, seed=args.seed)
     elif args.what == "obedience":
         report = obedience(base, judge, args.prompts, args.pair_prompts, args.seed)
+    elif args.what == "two-concepts":
+        config = TwoConceptConfig(
+            pairs=args.pairs,
+            steps=args.steps,
+            learning_rate=args.learning_rate,
+            lidb_learning_rate=args.lidb_learning_rate,
+            seed=args.seed,
+        )
+        report = two_concepts(base, judge, config)
     else:
         config = PersonalisationConfig(
             method=args.method,

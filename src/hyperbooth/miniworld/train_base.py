@@ -79,6 +79,12 @@ class MiniConfig:
     warmup_steps: int = 200
     caption_dropout: float = 0.1  # empty captions teach the unconditional branch (guidance)
     min_snr_gamma: float | None = 5.0  # loss weighting that speeds convergence; None: plain MSE
+    # SD1.5's schedule keeps 0.068 of the signal at t=999. On a 16x16 latent the spatial mean of
+    # that signal is as strong as the noise's, so the model read background colour from x_T and
+    # ignored the prompt (v0: obedience at chance). A zero-terminal-SNR schedule removes the leak;
+    # it needs v-prediction (Lin et al. 2023, "Common diffusion noise schedules ... are flawed").
+    prediction_type: str = "v_prediction"
+    zero_terminal_snr: bool = True
     ema_decay: float = 0.999
     checkpoint_every: int = 250
     sample_every: int = 500  # write a grid of EMA samples to the work folder (0: never)
@@ -128,7 +134,14 @@ def build_models(config: MiniConfig) -> Base:
         attention_head_dim=config.unet_heads,
         norm_num_groups=min(32, config.unet_channels[0] // 2),
     )
-    scheduler = DDPMScheduler(**SD15_SCHEDULER)
+    scheduler = DDPMScheduler(
+        **{
+            **SD15_SCHEDULER,
+            "prediction_type": config.prediction_type,
+            "rescale_betas_zero_snr": config.zero_terminal_snr,
+            "timestep_spacing": "trailing" if config.zero_terminal_snr else "leading",
+        }
+    )
     return Base(unet, text_encoder, clip_tokenizer(), vae, scheduler, "mini", SIZE)
 
 
@@ -149,15 +162,19 @@ def _batch_images(rng: np.random.Generator, n: int) -> tuple[torch.Tensor, list[
 
 
 def snr_weights(scheduler, timesteps: torch.Tensor, gamma: float | None) -> torch.Tensor:
-    """Min-SNR-gamma loss weights for epsilon prediction, min(SNR, gamma) / SNR (Hang et al. 2023).
+    """Min-SNR-gamma loss weights (Hang et al. 2023) for the scheduler's prediction type.
 
-    High-noise steps (low SNR) keep weight 1; low-noise steps, which are easy and would
-    otherwise dominate the gradient, are damped. None: every weight is 1.
+    Low-noise steps, which are easy and would otherwise dominate the gradient, are damped:
+    min(SNR, gamma) / SNR for epsilon; min(SNR + 1, gamma) / (SNR + 1) for v-prediction, which
+    keeps full weight at t=999 (SNR 0 under a zero-terminal-SNR schedule), where only the prompt
+    says what to draw. None: all 1.
     """
     if gamma is None:
         return torch.ones(len(timesteps))
     alphas = scheduler.alphas_cumprod[timesteps]
     snr = alphas / (1 - alphas)
+    if scheduler.config.prediction_type == "v_prediction":
+        return torch.clamp(snr + 1, max=gamma) / (snr + 1)
     return torch.clamp(snr, max=gamma) / snr
 
 
