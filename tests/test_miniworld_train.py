@@ -23,6 +23,8 @@ TOY = {
     "text_layers": 1,
     "text_heads": 2,
     "text_intermediate": 37,
+    "text_steps": 3,
+    "text_batch": 4,
     "unet_channels": [16, 32, 32],
     "unet_heads": 2,
     "denoiser_steps": 3,

@@ -335,7 +335,7 @@ def training_identity(rng: np.random.Generator) -> Identity:
 
 def _sample_described(
     rng: np.random.Generator, pair_probability: float, bare_probability: float
-) -> tuple[tuple[Identity, ...], Context, int, object]:
+) -> tuple[tuple[Identity, ...], Context, int, Caption]:
     """The identities, context, seed and caption of one training example (nothing rendered)."""
     context = random_context(rng)
     seed = int(rng.integers(SEED_RANGE))
@@ -352,9 +352,9 @@ def sample_caption(
     rng: np.random.Generator,
     pair_probability: float = PAIR_PROBABILITY,
     bare_probability: float = BARE_PROBABILITY,
-) -> str:
-    """A training caption, drawn as sample_training_example draws it, without the image."""
-    return _sample_described(rng, pair_probability, bare_probability)[3].text
+) -> Caption:
+    """A training caption and what it names, drawn as sample_training_example draws it."""
+    return _sample_described(rng, pair_probability, bare_probability)[3]
 
 
 def sample_training_example(
@@ -376,4 +376,4 @@ def sample_training_example(
 def mini_captions(count: int, seed: int = 0) -> list[str]:
     """count training captions of the miniature world (a default caption corpus)."""
     rng = np.random.default_rng(seed)
-    return [sample_caption(rng) for _ in range(count)]
+    return [sample_caption(rng).text for _ in range(count)]

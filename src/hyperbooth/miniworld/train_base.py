@@ -1,9 +1,10 @@
 """Train `mini`: a small Stable-Diffusion-architecture model of the miniature world, from scratch.
 
-Three stages, each resumable from files in a work folder:
-  1. vae:      AutoencoderKL on fresh renders (64x64 RGB -> 16x16x4 latents).
+Four stages, each resumable from files in a work folder:
+  1. vae:      AutoencoderKL on fresh renders (64x64 RGB -> 16x16x8 latents).
   2. data:     render the training set once, encode it with the frozen VAE, tokenise captions.
-  3. denoiser: UNet2DConditionModel + CLIPTextModel jointly, diffusion loss, EMA weights.
+  3. text:     CLIPTextModel learns to say which attributes a caption names (then frozen).
+  4. denoiser: UNet2DConditionModel, v-prediction on a zero-terminal-SNR schedule, EMA weights.
 The result is a standard diffusers folder (float16 safetensors) that `load_base` and
 `StableDiffusionPipeline.from_pretrained` read.
 
@@ -38,8 +39,8 @@ from hyperbooth.bases import (
     save_base,
 )
 from hyperbooth.diffusion import noised_loss
-from hyperbooth.miniworld.captions import sample_training_example
-from hyperbooth.miniworld.render import SIZE
+from hyperbooth.miniworld.captions import sample_caption, sample_training_example
+from hyperbooth.miniworld.render import CONTEXT_ATTRIBUTES, NAMEABLE_TRAITS, SIZE
 
 
 @dataclass
@@ -64,11 +65,18 @@ class MiniConfig:
     vae_kl_weight: float = 1e-6
     # Training set, rendered once and cached as latents.
     examples: int = 100_000
-    # Text encoder: a small CLIP text tower over CLIP's full BPE vocabulary.
+    # Text encoder: a small CLIP text tower over CLIP's full BPE vocabulary. SD's text encoder
+    # comes pretrained and frozen; ours is first taught to say which attributes a caption names
+    # (a head per attribute on the pooled output), then frozen for the denoiser, like SD's.
+    # Trained jointly from scratch instead (v0-v2), the UNet barely read it within budget.
     text_hidden: int = 128
     text_layers: int = 4
     text_heads: int = 4
     text_intermediate: int = 512
+    text_steps: int = 800  # 0: no pretraining
+    text_batch: int = 128
+    text_lr: float = 1e-3
+    freeze_text_encoder: bool = True
     # UNet at 16x16 latents, cross-attention at 16x16 and 8x8 (and in the middle).
     unet_channels: tuple[int, ...] = (48, 96, 192)
     unet_layers_per_block: int = 1
@@ -263,6 +271,92 @@ def train_vae(base: Base, config: MiniConfig, work: Path) -> tuple[list[float], 
 
 
 @torch.no_grad()
+def attribute_heads() -> dict[str, int]:
+    """What the text stage predicts from a caption: attribute -> values (0 means unnamed)."""
+    heads = {name: len(v) for name, v in {**NAMEABLE_TRAITS, **CONTEXT_ATTRIBUTES}.items()}
+    for side in ("left", "right"):
+        heads |= {f"{side}.{name}": len(v) for name, v in NAMEABLE_TRAITS.items()}
+    return heads
+
+
+def _caption_batch(
+    base: Base, rng: np.random.Generator, n: int, heads: dict[str, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """n fresh captions as token ids, and per head the named value + 1 (0: not named)."""
+    captions = [sample_caption(rng) for _ in range(n)]
+    # Padded to the longest caption only: attention is causal, so the pooled (end-of-text)
+    # state is the same as with 77 positions, at a fraction of the cost.
+    ids = base.tokenizer(
+        [c.text for c in captions],
+        padding="longest",
+        max_length=CLIP_MAX_LENGTH,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+    targets = torch.tensor(
+        [[c.mentioned.get(name, -1) + 1 for name in heads] for c in captions], dtype=torch.long
+    )
+    return ids, targets
+
+
+def _attribute_loss(
+    logits: torch.Tensor, targets: torch.Tensor, heads: dict[str, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy over the heads, and which predictions were right (B, heads)."""
+    loss, right, start = 0.0, [], 0
+    for k, size in enumerate(heads.values()):
+        part = logits[:, start : start + size + 1]
+        loss = loss + torch.nn.functional.cross_entropy(part, targets[:, k])
+        right.append(part.argmax(1) == targets[:, k])
+        start += size + 1
+    return loss, torch.stack(right, 1)
+
+
+def train_text_encoder(base: Base, config: MiniConfig, work: Path) -> tuple[list[float], float]:
+    """Stage 0: teach the text encoder which attributes a caption names; (losses, test accuracy)."""
+    heads = attribute_heads()
+    text_encoder = base.text_encoder.train().requires_grad_(True)
+    head = torch.nn.Linear(config.text_hidden, sum(n + 1 for n in heads.values()))
+    params = [*text_encoder.parameters(), *head.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=config.text_lr, weight_decay=0.01)
+    checkpoint = work / "text"
+    start, losses = _load_state(checkpoint, {"text_encoder": text_encoder, "head": head}, optimizer)
+    for step in tqdm(
+        range(start, config.text_steps), initial=start, total=config.text_steps, desc="text"
+    ):
+        ids, targets = _caption_batch(
+            base, np.random.default_rng([config.seed, 4, step]), config.text_batch, heads
+        )
+        for group in optimizer.param_groups:
+            group["lr"] = _lr(step, config.text_steps, config.text_lr, 100)
+        loss, _ = _attribute_loss(head(text_encoder(ids).pooler_output), targets, heads)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if (step + 1) % config.checkpoint_every == 0:
+            _save_state(
+                checkpoint,
+                {"text_encoder": text_encoder, "head": head},
+                optimizer,
+                step + 1,
+                losses,
+            )
+    _save_state(
+        checkpoint,
+        {"text_encoder": text_encoder, "head": head},
+        optimizer,
+        config.text_steps,
+        losses,
+    )
+    text_encoder.eval()
+    with torch.no_grad():
+        ids, targets = _caption_batch(base, np.random.default_rng([config.seed, 5]), 1024, heads)
+        _, right = _attribute_loss(head(text_encoder(ids).pooler_output), targets, heads)
+    return losses, float(right.float().mean())
+
+
 def encode_dataset(base: Base, config: MiniConfig, work: Path) -> dict[str, torch.Tensor]:
     """Stage 2: render config.examples training images once; keep latent mean/std and token ids."""
     path = work / "dataset.safetensors"
@@ -295,23 +389,16 @@ def encode_dataset(base: Base, config: MiniConfig, work: Path) -> dict[str, torc
 def train_denoiser(
     base: Base, data: dict[str, torch.Tensor], config: MiniConfig, work: Path
 ) -> list[float]:
-    """Stage 3: UNet + text encoder on cached latents and captions, with an EMA copy of both."""
-    unet, text_encoder = base.unet.train(), base.text_encoder.train()
-    unet.requires_grad_(True)
-    text_encoder.requires_grad_(True)
-    ema = {
-        "unet": copy.deepcopy(unet).requires_grad_(False),
-        "text_encoder": copy.deepcopy(text_encoder).requires_grad_(False),
-    }
-    params = [*unet.parameters(), *text_encoder.parameters()]
+    """Stage 3: the UNet (and the text encoder unless frozen) on cached latents, with EMA copies."""
+    trains_text = not config.freeze_text_encoder
+    unet = base.unet.train().requires_grad_(True)
+    text_encoder = base.text_encoder.train(trains_text).requires_grad_(trains_text)
+    live = {"unet": unet} | ({"text_encoder": text_encoder} if trains_text else {})
+    ema = {name: copy.deepcopy(m).requires_grad_(False) for name, m in live.items()}
+    params = [p for m in live.values() for p in m.parameters()]
     optimizer = torch.optim.AdamW(params, lr=config.denoiser_lr, weight_decay=0.01, fused=True)
     checkpoint = work / "denoiser"
-    modules = {
-        "unet": unet,
-        "text_encoder": text_encoder,
-        "ema_unet": ema["unet"],
-        "ema_text_encoder": ema["text_encoder"],
-    }
+    modules = live | {f"ema_{name}": m for name, m in ema.items()}
     start, losses = _load_state(checkpoint, modules, optimizer)
     empty = base.tokenizer(
         "", padding="max_length", max_length=CLIP_MAX_LENGTH, return_tensors="pt"
@@ -335,7 +422,8 @@ def train_denoiser(
         for group in optimizer.param_groups:
             group["lr"] = _lr(step, config.denoiser_steps, config.denoiser_lr, config.warmup_steps)
         with _autocast(config.denoiser_mixed_precision):
-            hidden = text_encoder(ids)[0]
+            with torch.set_grad_enabled(trains_text):
+                hidden = text_encoder(ids)[0]
             noise = torch.randn(latents.shape, generator=generator)
             timesteps = torch.randint(0, num_timesteps, (len(latents),), generator=generator)
             per_sample = noised_loss(
@@ -350,19 +438,21 @@ def train_denoiser(
         optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
             decay = min(config.ema_decay, (1 + step) / (10 + step))
-            for name, live in (("unet", unet), ("text_encoder", text_encoder)):
-                for e, p in zip(ema[name].parameters(), live.parameters(), strict=True):
+            for name, module in live.items():
+                for e, p in zip(ema[name].parameters(), module.parameters(), strict=True):
                     e.lerp_(p, 1 - decay)
         losses.append(loss.item())
         bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
         if (step + 1) % config.checkpoint_every == 0:
             _save_state(checkpoint, modules, optimizer, step + 1, losses)
         if config.sample_every and (step + 1) % config.sample_every == 0:
-            write_samples(
-                base, ema["unet"], ema["text_encoder"], work / "samples" / f"{step + 1:06d}.png"
-            )
+            sampler_text = ema.get("text_encoder", text_encoder)
+            write_samples(base, ema["unet"], sampler_text, work / "samples" / f"{step + 1:06d}.png")
+            unet.train()
+            text_encoder.train(trains_text)
     _save_state(checkpoint, modules, optimizer, config.denoiser_steps, losses)
-    base.unet, base.text_encoder = ema["unet"].eval(), ema["text_encoder"].eval()
+    base.unet = ema["unet"].eval()
+    base.text_encoder = ema.get("text_encoder", text_encoder).eval()
     return losses
 
 
@@ -417,7 +507,12 @@ def plot_losses(losses: dict[str, list[float]], path: Path) -> None:
             axis.plot(steps[49:], smooth, color="C0", label="mean of 50")
         axis.set_yscale("log")
         axis.set_xlabel("step")
-        axis.set_title({"vae": "VAE reconstruction MSE", "denoiser": "diffusion loss"}[stage])
+        titles = {
+            "vae": "VAE reconstruction MSE",
+            "text": "text encoder: attribute loss",
+            "denoiser": "diffusion loss",
+        }
+        axis.set_title(titles[stage])
         axis.legend()
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -451,15 +546,23 @@ def main(argv: list[str] | None = None) -> None:
     data = encode_dataset(base, config, work)
     times["data"] = time.perf_counter() - started
     started = time.perf_counter()
+    text_losses, text_accuracy = [], None
+    if config.text_steps:
+        text_losses, text_accuracy = train_text_encoder(base, config, work)
+        tqdm.write(f"text encoder: attribute accuracy {text_accuracy:.4f} on fresh captions")
+    times["text"] = time.perf_counter() - started
+    started = time.perf_counter()
     denoiser_losses = train_denoiser(base, data, config, work)
     times["denoiser"] = time.perf_counter() - started
     report = {
         "seconds": times,
         "vae_final_mse": float(np.mean(vae_losses[-50:])),
         "vae_test_mse": vae_test_mse,
+        "text_attribute_accuracy": text_accuracy,
         "denoiser_final_loss": float(np.mean(denoiser_losses[-100:])),
     }
-    losses = {"vae": vae_losses, "denoiser": denoiser_losses}
+    losses = {"vae": vae_losses, "text": text_losses, "denoiser": denoiser_losses}
+    losses = {stage: values for stage, values in losses.items() if values}
     write_text(work / "losses.json", json.dumps(losses))
     plot_losses(losses, work / "loss.png")
     export(base, Path(args.out), config, report)
