@@ -28,6 +28,7 @@ verbs:
   info      count the layers, trainable numbers and bytes a method adds to a base
   train     fit a subject with dreambooth, lora, lidb, textual-inversion or custom-diffusion
   merge     combine Custom Diffusion concepts in closed form (constrained least squares)
+  eval      score generated images: CLIP-T, CLIP-I, DINO, DIV (+ judges on the mini world)
   generate  draw prompts with a base and any adapters into a PNG grid (+ JSON)
   export    convert a hyperbooth adapter to diffusers' or kohya's LoRA format
   precompute  fit one LiDB per identity image, K at a time (HyperDreamBooth's training set)
@@ -369,6 +370,35 @@ def cmd_merge(args: argparse.Namespace) -> None:
     captions = _captions(args.captions, args.num_captions, args.seed)
     report = asdict(merge_custom_diffusion(args.files, base, out, captions))
     report["output"] = str(report["output"])
+    print(json.dumps(report, indent=2) if args.json else _lines(report))
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    """Score generated images: CLIP-T, CLIP-I, DINO, DIV (+ the judges on the miniature world)."""
+    from PIL import Image
+
+    from hyperbooth.atomic import write_text
+    from hyperbooth.evaluation import (
+        ClipScorer,
+        DinoScorer,
+        evaluate,
+        judge_scores,
+        read_generated,
+        read_prompts,
+    )
+    from hyperbooth.images import collect_images
+
+    prompts = read_prompts(args.prompts)
+    generated = read_generated(args.generated, prompts)
+    references = [Image.open(p).convert("RGB") for p in collect_images(args.references)]
+    clip = None if args.no_clip else ClipScorer(args.clip)
+    dino = None if args.no_dino else DinoScorer(args.dino)
+    report = evaluate(generated, references, prompts, clip, dino, args.token)
+    report |= {"clip_model": args.clip if clip else None, "dino_model": args.dino if dino else None}
+    if args.mini_reference:
+        report |= judge_scores(generated, args.mini_reference, prompts, args.token)
+    if args.out:
+        write_text(Path(args.out), json.dumps(report, indent=2))
     print(json.dumps(report, indent=2) if args.json else _lines(report))
 
 
@@ -748,6 +778,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_merge)
+
+    p = verbs.add_parser("eval", help="score generated images", description=cmd_eval.__doc__)
+    p.add_argument(
+        "--generated",
+        required=True,
+        help="folder of images named '<prompt index>_<n>.png' (0-based line of --prompts)",
+    )
+    p.add_argument("--references", nargs="+", required=True, help="the subject's real photos")
+    p.add_argument("--prompts", required=True, help="the prompts, one per line")
+    p.add_argument("--token", default=None, help="identifier to drop from prompts for CLIP-T")
+    p.add_argument("--clip", default="openai/clip-vit-base-patch32", help="CLIP: hub id or folder")
+    p.add_argument("--dino", default="facebook/dino-vits16", help="DINO ViT: hub id or folder")
+    p.add_argument("--no-clip", action="store_true", help="skip CLIP-T and CLIP-I")
+    p.add_argument("--no-dino", action="store_true", help="skip DINO and DIV")
+    p.add_argument(
+        "--mini-reference",
+        default=None,
+        metavar="JSON",
+        help="miniature world: the reference's traits JSON; adds the judges' scores",
+    )
+    p.add_argument("--out", default=None, help="also write the report to this JSON file")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval)
 
     p = verbs.add_parser(
         "export", help="convert an adapter for other tools", description=cmd_export.__doc__
