@@ -29,6 +29,7 @@ verbs:
   train     fit a subject with dreambooth, lora, lidb, textual-inversion or custom-diffusion
   merge     combine Custom Diffusion concepts in closed form (constrained least squares)
   eval      score generated images: CLIP-T, CLIP-I, DINO, DIV (+ judges on the mini world)
+  benchmark every method on every subject: table, CSV, figures (resumable, sharded)
   generate  draw prompts with a base and any adapters into a PNG grid (+ JSON)
   export    convert a hyperbooth adapter to diffusers' or kohya's LoRA format
   precompute  fit one LiDB per identity image, K at a time (HyperDreamBooth's training set)
@@ -400,6 +401,56 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.out:
         write_text(Path(args.out), json.dumps(report, indent=2))
     print(json.dumps(report, indent=2) if args.json else _lines(report))
+
+
+def cmd_benchmark(args: argparse.Namespace) -> None:
+    """Personalise every subject with every method, generate, score; table, CSV and figures.
+
+    Finished cells are skipped on a rerun; under `accelerate launch` the cells are shared out.
+    """
+    from hyperbooth.bases import load_base
+    from hyperbooth.benchmark import (
+        BenchmarkConfig,
+        mini_subjects,
+        read_prompt_set,
+        read_subjects,
+        run_benchmark,
+    )
+
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    steps = {}
+    for spec in args.method_steps:
+        method, _, value = spec.partition("=")
+        if not value.isdigit():
+            raise HyperboothError(f"--method-steps {spec!r} must be METHOD=N, e.g. lidb=400")
+        steps[method] = int(value)
+    config = BenchmarkConfig(
+        methods=methods,
+        seeds=args.seeds,
+        sampling_steps=args.sampling_steps,
+        guidance=args.guidance,
+        token=args.token,
+        steps=steps,
+        hypernet=args.hypernet,
+        clip=args.clip,
+        dino=args.dino,
+        seed=args.seed,
+        device=args.device,
+    )
+    out = Path(args.out)
+    folder = args.subjects
+    if folder.startswith("mini:"):
+        count = folder.partition(":")[2]
+        if not count.isdigit():
+            raise HyperboothError(f"--subjects {folder!r}: write mini:N, e.g. mini:20")
+        folder = mini_subjects(out / "subjects", int(count), args.seed)
+    subjects = read_subjects(folder)
+    prompts = read_prompt_set(args.prompts)
+    base = load_base(args.base)
+    results = run_benchmark(base, subjects, prompts, config, out)
+    if results is not None:
+        print((out / "table.md").read_text())
+        print(f"wrote {out}/table.md, results.csv, scores.png, cost.png, samples.png")
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -801,6 +852,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="also write the report to this JSON file")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
+
+    p = verbs.add_parser(
+        "benchmark",
+        help="every method on every subject: scores, times, sizes, pictures",
+        description=cmd_benchmark.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _base_flags(p)
+    p.add_argument(
+        "--methods",
+        default="lidb,lora",
+        help="comma-separated: hyperdreambooth, dreambooth, lora, lidb, textual-inversion, "
+        "custom-diffusion",
+    )
+    p.add_argument(
+        "--subjects",
+        required=True,
+        help="folder of subject folders (photos; optional class.txt, traits.json), or mini:N "
+        "for N held-out miniature-world identities",
+    )
+    p.add_argument(
+        "--prompts",
+        default="faces",
+        help="dreambench-object, dreambench-live, faces, mini, or a file (one {} per line)",
+    )
+    p.add_argument("--seeds", type=int, default=2, help="images per prompt")
+    p.add_argument("--out", required=True, help="output folder (cells/, table.md, ...)")
+    p.add_argument(
+        "--method-steps",
+        action="append",
+        default=[],
+        metavar="METHOD=N",
+        help="training steps of a method (defaults: hyperdreambooth 40, dreambooth/lora/lidb "
+        "400, textual-inversion 1000, custom-diffusion 250)",
+    )
+    p.add_argument("--hypernet", default=None, help="hyperdreambooth: train-hypernet's folder")
+    p.add_argument("--token", default="sks")
+    p.add_argument("--sampling-steps", type=int, default=25)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--clip", default=None, help="CLIP for CLIP-T/CLIP-I (hub id or folder)")
+    p.add_argument("--dino", default=None, help="DINO ViT for DINO/DIV (hub id or folder)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_benchmark)
 
     p = verbs.add_parser(
         "export", help="convert an adapter for other tools", description=cmd_export.__doc__

@@ -1,0 +1,383 @@
+"""`hyperbooth benchmark`: every method on every subject, generated, scored and tabulated.
+
+A cell is (method, subject). Each cell writes `cells/<method>/<subject>/`: its images
+(`<prompt>_<seed>.png`) and `result.json` (times, stored bytes, scores), atomically and last,
+so a rerun skips finished cells. Cells are dealt out to processes (accelerate / torchrun), and
+the first process then writes `table.md`, `results.csv` and the figures.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from hyperbooth.atomic import write_text
+from hyperbooth.errors import HyperboothError
+
+PROMPTS = Path(__file__).parent / "data" / "prompts"
+PROMPT_SETS = ("dreambench-object", "dreambench-live", "faces", "mini")
+BENCHMARK_METHODS = (
+    "hyperdreambooth",
+    "dreambooth",
+    "lora",
+    "lidb",
+    "textual-inversion",
+    "custom-diffusion",
+)
+NEW_WORD_METHODS = ("textual-inversion", "custom-diffusion")
+DEFAULT_STEPS = {
+    "hyperdreambooth": 40,
+    "dreambooth": 400,
+    "lora": 400,
+    "lidb": 400,
+    "textual-inversion": 1000,
+    "custom-diffusion": 250,
+}
+SCORES = ("judge_identity", "judge_hidden", "judge_prompt", "clip_t", "clip_i", "dino", "div")
+
+
+@dataclass
+class BenchmarkConfig:
+    """What to run: methods, sampling, backbones, HyperDreamBooth's hypernetwork."""
+
+    methods: tuple[str, ...] = ("lidb", "lora")
+    seeds: int = 2
+    sampling_steps: int = 25
+    guidance: float = 7.5
+    token: str = "sks"
+    steps: dict[str, int] = field(default_factory=dict)  # per method; default DEFAULT_STEPS
+    hypernet: str | None = None
+    clip: str | None = None  # None: no CLIP scores
+    dino: str | None = None
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in BENCHMARK_METHODS]
+        if unknown or not self.methods:
+            raise HyperboothError(
+                f"unknown method {unknown[:1]}; choose from {', '.join(BENCHMARK_METHODS)}"
+            )
+        if "hyperdreambooth" in self.methods and not self.hypernet:
+            raise HyperboothError("hyperdreambooth needs --hypernet FOLDER (train-hypernet's out)")
+
+    def word(self, method: str) -> str:
+        """The identifier a method's prompts use: a new word for TI / Custom Diffusion."""
+        return f"<{self.token}>" if method in NEW_WORD_METHODS else self.token
+
+
+@dataclass
+class Subject:
+    """One subject folder: its photos, class word and (miniature world) traits file."""
+
+    name: str
+    images: list[Path]
+    class_name: str = "face"
+    info: Path | None = None  # a JSON with "traits": the judges score identity against it
+
+
+def read_prompt_set(spec: str) -> list[str]:
+    """A built-in prompt set by name, or a file; every line has one {} for 'word class'."""
+    path = PROMPTS / f"{spec.replace('-', '_')}.txt" if spec in PROMPT_SETS else Path(spec)
+    if not path.is_file():
+        raise HyperboothError(
+            f"--prompts {spec!r} is neither a built-in set ({', '.join(PROMPT_SETS)}) nor a file"
+        )
+    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    bad = [p for p in prompts if p.count("{}") != 1]
+    if bad or not prompts:
+        raise HyperboothError(
+            f"{path}: every prompt needs exactly one {{}} where 'sks face' goes, e.g. 'a {{}} "
+            f"in the snow' (first bad line: {bad[:1]})"
+        )
+    return prompts
+
+
+def mini_subjects(folder: Path, count: int, seed: int = 0) -> Path:
+    """count held-out miniature-world identities as subject folders (reference + traits)."""
+    from hyperbooth.images import save_png
+    from hyperbooth.miniworld.evaluate import REFERENCE_CONTEXT, held_out_identities
+    from hyperbooth.miniworld.render import render
+
+    for index, identity in enumerate(held_out_identities(count, seed)):
+        subject = folder / f"{index:03d}_id{identity.index:07d}"
+        if (subject / "traits.json").is_file():
+            continue
+        save_png(render(identity, REFERENCE_CONTEXT, seed + index), subject / "reference.png")
+        info = {"identity_index": identity.index, "traits": identity.names()}
+        write_text(subject / "traits.json", json.dumps(info, indent=2))
+    return folder
+
+
+def read_subjects(folder: str | Path) -> list[Subject]:
+    """Every subfolder with images is a subject; class.txt names its class (default face)."""
+    from hyperbooth.images import IMAGE_SUFFIXES
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise HyperboothError(f"--subjects {folder} is not a folder of subject folders")
+    subjects = []
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        images = sorted(p for p in sub.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not images:
+            continue
+        class_file, info = sub / "class.txt", sub / "traits.json"
+        class_name = class_file.read_text().strip() if class_file.is_file() else "face"
+        subjects.append(Subject(sub.name, images, class_name, info if info.is_file() else None))
+    if not subjects:
+        raise HyperboothError(f"{folder} has no subject folders with images")
+    return subjects
+
+
+def _fit(base: object, method: str, subject: Subject, config: BenchmarkConfig, out: Path):
+    """Personalise a copy of base in place; (stored path, seconds)."""
+    from hyperbooth.images import load_image
+    from hyperbooth.methods import (
+        CustomDiffusionConfig,
+        SubjectConfig,
+        TextualInversionConfig,
+        personalise,
+    )
+    from hyperbooth.training import TrainConfig
+
+    images = [load_image(p, base.resolution) for p in subject.images]
+    steps = config.steps.get(method, DEFAULT_STEPS[method])
+    started = time.perf_counter()
+    if method == "hyperdreambooth":
+        from hyperbooth.hypernet.model import load_hypernet
+        from hyperbooth.hypernet.personalize import PersonalizeConfig, personalize
+
+        result = personalize(
+            base,
+            load_hypernet(config.hypernet),
+            images[0],
+            out / "subject.safetensors",
+            PersonalizeConfig(
+                steps=steps,
+                token=config.token,
+                class_name=subject.class_name,
+                seed=config.seed,
+                device=config.device,
+            ),
+            progress=False,
+        )
+        return result.output, time.perf_counter() - started
+    result = personalise(
+        base,
+        images,
+        out / "fit",
+        method,
+        SubjectConfig(token=config.word(method), class_name=subject.class_name),
+        train_config=TrainConfig(steps=steps, seed=config.seed, device=config.device),
+        progress=False,
+        textual_inversion=TextualInversionConfig(initializer=subject.class_name),
+        custom_diffusion=CustomDiffusionConfig(seed=config.seed),
+    )
+    return result.output, time.perf_counter() - started
+
+
+def _bytes(path: Path) -> int:
+    """Bytes of a file or a folder's files."""
+    return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*"))
+
+
+def run_cell(
+    base: object,
+    method: str,
+    subject: Subject,
+    prompts: list[str],
+    config: BenchmarkConfig,
+    out: Path,
+    scorers: tuple,
+) -> dict:
+    """Personalise, generate every prompt x seed, score; result.json marks the cell done."""
+    from hyperbooth.evaluation import Generated, evaluate, judge_scores
+    from hyperbooth.generate import generate_images
+    from hyperbooth.images import save_png
+
+    cell = out / "cells" / method / subject.name
+    done = cell / "result.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    model = copy.deepcopy(base)
+    stored, fit_seconds = _fit(model, method, subject, config, cell)
+    texts = [p.format(f"{config.word(method)} {subject.class_name}") for p in prompts]
+    started = time.perf_counter()
+    rows = generate_images(
+        model,
+        texts,
+        n=config.seeds,
+        seed=config.seed + 1000,
+        steps=config.sampling_steps,
+        guidance=config.guidance,
+        batch_size=8,
+        progress=False,
+    )
+    generate_seconds = time.perf_counter() - started
+    images, index = [], []
+    for p, row in enumerate(rows):
+        for s, image in enumerate(row):
+            save_png(image, cell / "images" / f"{p:03d}_{s}.png")
+            images.append(image)
+            index.append(p)
+    generated = Generated(images, index, [])
+    references = [Image.open(p).convert("RGB") for p in subject.images]
+    scores = evaluate(generated, references, texts, *scorers, token=config.word(method))
+    if subject.info is not None:
+        scores |= judge_scores(generated, subject.info, texts, config.word(method))
+    result = {
+        "method": method,
+        "subject": subject.name,
+        "seconds": {"fit": fit_seconds, "generate": generate_seconds},
+        "stored_bytes": _bytes(stored),
+        "scores": scores,
+    }
+    write_text(done, json.dumps(result, indent=2))
+    return result
+
+
+def run_benchmark(
+    base: object,
+    subjects: list[Subject],
+    prompts: list[str],
+    config: BenchmarkConfig,
+    out: str | Path,
+    progress: bool = True,
+) -> list[dict] | None:
+    """Run this process's share of the cells; the first process then writes the summary."""
+    from accelerate import PartialState
+    from tqdm.auto import tqdm
+
+    from hyperbooth.evaluation import ClipScorer, DinoScorer
+
+    out = Path(out)
+    state = PartialState()
+    scorers = (
+        ClipScorer(config.clip) if config.clip else None,
+        DinoScorer(config.dino) if config.dino else None,
+    )
+    cells = [(m, s) for m in config.methods for s in subjects]
+    mine = cells[state.process_index :: state.num_processes]
+    for method, subject in tqdm(mine, desc="benchmark", disable=not progress):
+        run_cell(base, method, subject, prompts, config, out, scorers)
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return None
+    results = [
+        json.loads((out / "cells" / m / s.name / "result.json").read_text()) for m, s in cells
+    ]
+    write_summary(results, config, prompts, out)
+    return results
+
+
+def summarise(results: list[dict], methods: tuple[str, ...]) -> list[dict]:
+    """Per method: mean of each score, mean fit and generate seconds, stored bytes."""
+    rows = []
+    for method in methods:
+        mine = [r for r in results if r["method"] == method]
+        row: dict = {"method": method, "subjects": len(mine)}
+        for score in SCORES:
+            values = [r["scores"][score] for r in mine if r["scores"].get(score) is not None]
+            row[score] = float(np.mean(values)) if values else None
+        row["fit_seconds"] = float(np.mean([r["seconds"]["fit"] for r in mine]))
+        row["generate_seconds"] = float(np.mean([r["seconds"]["generate"] for r in mine]))
+        row["stored_bytes"] = int(np.mean([r["stored_bytes"] for r in mine]))
+        rows.append(row)
+    return rows
+
+
+def _cell(value: object) -> str:
+    """A table cell: 3 decimals for fractions, '-' for missing."""
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
+    return str(value)
+
+
+def write_summary(results: list[dict], config: BenchmarkConfig, prompts: list, out: Path) -> None:
+    """table.md, results.csv (one row per cell), scores.png, cost.png, samples.png."""
+    rows = summarise(results, config.methods)
+    columns = ["method", "subjects", *[s for s in SCORES if any(r[s] is not None for r in rows)]]
+    columns += ["fit_seconds", "generate_seconds", "stored_bytes"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(r[c]) for c in columns) + " |" for r in rows]
+    settings = {k: v for k, v in asdict(config).items() if k not in ("device",)}
+    table = "\n".join(lines) + f"\n\nSettings: `{json.dumps(settings)}`; {len(prompts)} prompts.\n"
+    write_text(out / "table.md", table)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(
+        ["method", "subject", "fit_seconds", "generate_seconds", "stored_bytes", *SCORES]
+    )
+    for r in results:
+        writer.writerow(
+            [r["method"], r["subject"], r["seconds"]["fit"], r["seconds"]["generate"]]
+            + [r["stored_bytes"]]
+            + [r["scores"].get(s) for s in SCORES]
+        )
+    write_text(out / "results.csv", buffer.getvalue())
+    _figures(rows, results, config, out)
+
+
+def _figures(rows: list[dict], results: list[dict], config: BenchmarkConfig, out: Path) -> None:
+    """Bar charts of the scores and of the costs, and a grid of samples per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    from hyperbooth.generate import image_grid
+    from hyperbooth.images import save_png
+
+    names = [r["method"] for r in rows]
+    scores = [s for s in SCORES if any(r[s] is not None for r in rows)]
+    if scores:
+        figure, axis = pyplot.subplots(figsize=(max(6, 1.4 * len(scores) * len(rows) / 2), 3.5))
+        width = 0.8 / len(rows)
+        for k, r in enumerate(rows):
+            values = [r[s] if r[s] is not None else 0 for s in scores]
+            axis.bar(np.arange(len(scores)) + k * width, values, width, label=r["method"])
+        axis.set_xticks(np.arange(len(scores)) + 0.4 - width / 2, scores)
+        axis.set_ylim(0, 1)
+        axis.legend(fontsize=8)
+        axis.set_title("scores (mean over subjects)")
+        figure.tight_layout()
+        figure.savefig(out / "scores.png", dpi=100)
+        pyplot.close(figure)
+    figure, axes = pyplot.subplots(1, 2, figsize=(10, 3.5))
+    axes[0].bar(names, [r["fit_seconds"] for r in rows], label="personalise")
+    axes[0].bar(
+        names,
+        [r["generate_seconds"] for r in rows],
+        bottom=[r["fit_seconds"] for r in rows],
+        label="generate",
+    )
+    axes[0].set_ylabel("seconds per subject")
+    axes[0].legend(fontsize=8)
+    axes[1].bar(names, [r["stored_bytes"] for r in rows])
+    axes[1].set_yscale("log")
+    axes[1].set_ylabel("stored bytes per subject")
+    for axis in axes:
+        axis.tick_params(axis="x", rotation=30, labelsize=8)
+    figure.tight_layout()
+    figure.savefig(out / "cost.png", dpi=100)
+    pyplot.close(figure)
+    first = results[0]["subject"]
+    grid_rows, labels = [], []
+    for method in config.methods:
+        folder = out / "cells" / method / first / "images"
+        paths = sorted(folder.glob("*_0.png"))[:8]
+        if paths:
+            grid_rows.append([Image.open(p).convert("RGB") for p in paths])
+            labels.append(method)
+    if grid_rows:
+        save_png(image_grid(grid_rows, labels=labels), out / "samples.png")
