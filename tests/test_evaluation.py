@@ -176,3 +176,27 @@ def test_judge_scores_on_renders_of_the_reference_are_near_perfect(tmp_path):
     prompts = ["a sks face wearing a hat"]
     scores = judge_scores(read_generated(tmp_path, prompts), REFERENCE_INFO, prompts, "sks")
     assert scores["judge_identity"] >= 0.9 and scores["judge_prompt"] == 1.0
+
+
+def test_pres_and_kid_come_from_dino_features(backbones, tmp_path):
+    dino = DinoScorer(str(backbones / "dino"))
+    for i, image in enumerate(_images(3, seed=4)):
+        image.save(tmp_path / f"0_{i}.png")
+    generated = read_generated(tmp_path, ["a sks face"])
+    references, class_images, real = _images(2, seed=5), _images(3, seed=6), _images(4, seed=7)
+    report = evaluate(generated, references, ["a sks face"], None, dino, "sks", class_images, real)
+    expected = float((dino.images(class_images) @ dino.images(references).T).mean())
+    assert report["pres"] == pytest.approx(expected, abs=1e-6)
+    assert report["kid"] == pytest.approx(kid(dino.images(generated.images), dino.images(real)))
+    with pytest.raises(HyperboothError, match="DINO"):
+        evaluate(generated, references, ["a sks face"], None, None, "sks", class_images)
+
+
+def test_mini_real_images_are_renders_of_held_out_identities():
+    from hyperbooth.evaluation import mini_real_images
+
+    images = mini_real_images(3)
+    assert len(images) == 3 and images[0].size == (64, 64)
+    assert [np.asarray(a).tolist() for a in images] == [
+        np.asarray(b).tolist() for b in mini_real_images(3)
+    ]

@@ -376,25 +376,32 @@ def cmd_merge(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     """Score generated images: CLIP-T, CLIP-I, DINO, DIV (+ the judges on the miniature world)."""
-    from PIL import Image
-
     from hyperbooth.atomic import write_text
     from hyperbooth.evaluation import (
         ClipScorer,
         DinoScorer,
         evaluate,
         judge_scores,
+        mini_real_images,
         read_generated,
         read_prompts,
     )
-    from hyperbooth.images import collect_images
 
     prompts = read_prompts(args.prompts)
     generated = read_generated(args.generated, prompts)
-    references = [Image.open(p).convert("RGB") for p in collect_images(args.references)]
+    references = _open_images(args.references)
     clip = None if args.no_clip else ClipScorer(args.clip)
     dino = None if args.no_dino else DinoScorer(args.dino)
-    report = evaluate(generated, references, prompts, clip, dino, args.token)
+    class_images = _open_images(args.class_images) if args.class_images else None
+    real = None
+    if args.real and args.real.startswith("mini:"):
+        count = args.real.partition(":")[2]
+        if not count.isdigit():
+            raise HyperboothError(f"--real {args.real!r}: write mini:N, e.g. mini:500")
+        real = mini_real_images(int(count))
+    elif args.real:
+        real = _open_images([args.real])
+    report = evaluate(generated, references, prompts, clip, dino, args.token, class_images, real)
     report |= {"clip_model": args.clip if clip else None, "dino_model": args.dino if dino else None}
     if args.mini_reference:
         report |= judge_scores(generated, args.mini_reference, prompts, args.token)
@@ -451,6 +458,15 @@ def cmd_benchmark(args: argparse.Namespace) -> None:
     if results is not None:
         print((out / "table.md").read_text())
         print(f"wrote {out}/table.md, results.csv, scores.png, cost.png, samples.png")
+
+
+def _open_images(inputs: list[str]) -> list:
+    """Every image in the given folders/files, as RGB, at its own size."""
+    from PIL import Image
+
+    from hyperbooth.images import collect_images
+
+    return [Image.open(p).convert("RGB") for p in collect_images(inputs)]
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -843,6 +859,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dino", default="facebook/dino-vits16", help="DINO ViT: hub id or folder")
     p.add_argument("--no-clip", action="store_true", help="skip CLIP-T and CLIP-I")
     p.add_argument("--no-dino", action="store_true", help="skip DINO and DIV")
+    p.add_argument(
+        "--class-images",
+        nargs="+",
+        default=None,
+        help="class images drawn after fine-tuning ('a face'): adds PRES (DINO, vs references)",
+    )
+    p.add_argument(
+        "--real", default=None, help="real images for KID (DINO features): a folder, or mini:N"
+    )
     p.add_argument(
         "--mini-reference",
         default=None,

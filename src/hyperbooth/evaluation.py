@@ -7,7 +7,8 @@
   diversity, with DINO in place of LPIPS, which would need torchvision).
 - PRES: mean DINO similarity of class images drawn after fine-tuning to the subject's
   references (DreamBooth's prior preservation: higher means the class drifted to the subject).
-- KID: kernel inception distance, on DINO features, against a folder of real images.
+- KID: kernel inception distance, on DINO features, against a folder of real images (on `mini`,
+  fresh renders of held-out identities).
 - On the miniature world the judges add identity, hidden-trait and prompt scores.
 
 Backbones come from transformers (`CLIPModel`, `ViTModel`): a hub id in the local cache or a
@@ -224,10 +225,14 @@ def evaluate(
     clip: ClipScorer | None = None,
     dino: DinoScorer | None = None,
     token: str | None = None,
+    class_images: Sequence[Image.Image] | None = None,
+    real_images: Sequence[Image.Image] | None = None,
 ) -> dict:
     """CLIP-T, CLIP-I, DINO and DIV of generated images against references and prompts.
 
     token: the subject's identifier, removed from prompts before CLIP-T (CLIP has never seen it).
+    class_images (drawn after fine-tuning from the class prompt) add PRES; real_images add KID
+    (both on DINO features).
     """
     report: dict = {"images": len(generated.images), "references": len(references)}
     texts = [" ".join(w for w in p.split() if w != token) if token else p for p in prompts]
@@ -242,7 +247,27 @@ def evaluate(
         report["dino"] = mean_cross_cosine(embeddings, dino.images(list(references)))
         index = torch.tensor(generated.prompt_index)
         report["div"] = diversity([embeddings[index == p] for p in range(len(prompts))])
+        if class_images:
+            references_e = dino.images(list(references))
+            report["pres"] = mean_cross_cosine(dino.images(list(class_images)), references_e)
+        if real_images:
+            report["kid"] = kid(embeddings, dino.images(list(real_images)))
+    elif class_images or real_images:
+        raise HyperboothError("PRES and KID use DINO features: drop --no-dino")
     return report
+
+
+def mini_real_images(count: int, seed: int = 0) -> list[Image.Image]:
+    """count fresh single-face renders of held-out identities: KID's real set on `mini`."""
+    from hyperbooth.miniworld.render import held_out, random_context, random_identity, render
+
+    rng = np.random.default_rng([seed, 0x6B6964])  # "kid"
+    images = []
+    while len(images) < count:
+        identity = random_identity(rng)
+        if held_out(identity):
+            images.append(render(identity, random_context(rng), int(rng.integers(2**31))))
+    return images
 
 
 def judge_scores(
