@@ -1,4 +1,4 @@
-"""Atomic file writes: a reader sees the old file or the whole new one, never a part."""
+"""File helpers. Writes are atomic: a reader sees the old file or the whole new one, never a part."""
 
 from __future__ import annotations
 
@@ -52,3 +52,22 @@ def write_text(path: str | os.PathLike[str], text: str) -> None:
     """Write a text file atomically."""
     with atomic_file(path) as temporary:
         temporary.write_text(text)
+
+
+def stored_bytes(path: str | Path) -> int:
+    """Bytes of a file, or of every file under a folder."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def read_lines(path: str | Path, what: str) -> list[str]:
+    """The non-blank lines of a text file of `what` (one per line), or a one-line error."""
+    path = Path(path)
+    if not path.is_file():
+        raise HyperboothError(f"{what} file not found: {path} (one per line)")
+    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not lines:
+        raise HyperboothError(f"{path} holds no {what} (one per line)")
+    return lines

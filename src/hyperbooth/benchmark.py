@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from hyperbooth.atomic import write_text
+from hyperbooth.atomic import read_lines, stored_bytes, write_text
 from hyperbooth.errors import HyperboothError
 
 PROMPTS = Path(__file__).parent / "data" / "prompts"
@@ -91,9 +91,9 @@ def read_prompt_set(spec: str) -> list[str]:
         raise HyperboothError(
             f"--prompts {spec!r} is neither a built-in set ({', '.join(PROMPT_SETS)}) nor a file"
         )
-    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    prompts = read_lines(path, "prompts")
     bad = [p for p in prompts if p.count("{}") != 1]
-    if bad or not prompts:
+    if bad:
         raise HyperboothError(
             f"{path}: every prompt needs exactly one {{}} where 'sks face' goes, e.g. 'a {{}} "
             f"in the snow' (first bad line: {bad[:1]})"
@@ -184,11 +184,6 @@ def _fit(base: object, method: str, subject: Subject, config: BenchmarkConfig, o
     return result.output, time.perf_counter() - started
 
 
-def _bytes(path: Path) -> int:
-    """Bytes of a file or a folder's files."""
-    return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*"))
-
-
 def run_cell(
     base: object,
     method: str,
@@ -237,7 +232,7 @@ def run_cell(
         "method": method,
         "subject": subject.name,
         "seconds": {"fit": fit_seconds, "generate": generate_seconds},
-        "stored_bytes": _bytes(stored),
+        "stored_bytes": stored_bytes(stored),
         "scores": scores,
     }
     write_text(done, json.dumps(result, indent=2))

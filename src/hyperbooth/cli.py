@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from hyperbooth.atomic import read_lines, stored_bytes
 from hyperbooth.errors import HyperboothError
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -232,7 +233,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         "steps": result.steps,
         "seconds": {"load": round(loaded - started, 2), "train": round(result.seconds, 2)},
         "final_loss": result.losses[-1] if result.losses else None,
-        "bytes": _size(result.output),
+        "bytes": stored_bytes(result.output),
         "processes": result.processes,
     }
     print(json.dumps(summary, indent=2) if args.json else _lines(summary))
@@ -265,23 +266,7 @@ def _captions(path: str | None, count: int, seed: int) -> list[str]:
         from hyperbooth.miniworld.captions import mini_captions
 
         return mini_captions(count, seed)
-    path = Path(path)
-    if not path.is_file():
-        raise HyperboothError(f"caption file not found: {path} (one caption per line)")
-    captions = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    if not captions:
-        raise HyperboothError(f"{path} holds no captions (one caption per line)")
-    return captions
-
-
-def _size(path: Path) -> int:
-    """Bytes of a file, or of every file under a folder."""
-    path = Path(path)
-    return (
-        path.stat().st_size
-        if path.is_file()
-        else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-    )
+    return read_lines(path, "captions")
 
 
 def _lines(summary: dict) -> str:

@@ -184,13 +184,9 @@ class Generated:
 
 def read_prompts(path: str | Path) -> list[str]:
     """A prompt file: one prompt per line, blank lines ignored."""
-    path = Path(path)
-    if not path.is_file():
-        raise HyperboothError(f"prompt file not found: {path} (one prompt per line)")
-    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    if not prompts:
-        raise HyperboothError(f"{path} holds no prompts (one prompt per line)")
-    return prompts
+    from hyperbooth.atomic import read_lines
+
+    return read_lines(path, "prompts")
 
 
 def read_generated(folder: str | Path, prompts: Sequence[str]) -> Generated:

@@ -33,7 +33,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from hyperbooth.adapters.config import AdapterConfig
-from hyperbooth.atomic import write_text
+from hyperbooth.atomic import stored_bytes, write_text
 from hyperbooth.bases import load_base
 from hyperbooth.generate import generate_images
 from hyperbooth.miniworld.captions import caption, pair_caption, sample_training_example
@@ -256,11 +256,6 @@ def regularisation_folder(folder: Path, count: int, seed: int = 0) -> Path:
     return folder
 
 
-def _size(path: Path) -> int:
-    """Bytes of a file, or of every file under a folder."""
-    return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*"))
-
-
 def score_images(
     judge: Judge,
     reference: Identity,
@@ -339,7 +334,7 @@ def personalisation(
                 textual_inversion=TextualInversionConfig(initializer="face"),
                 custom_diffusion=CustomDiffusionConfig(seed=config.seed),
             )
-            stored = _size(result.output)
+            stored = stored_bytes(result.output)
         started = time.perf_counter()
         images = generate_images(subject, prompts, **generate)
         row = {
