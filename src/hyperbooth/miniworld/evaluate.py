@@ -106,13 +106,17 @@ def obedience(
     seed: int = 0,
     steps: int = 20,
     progress: bool = True,
+    guidance: float = 7.5,
 ) -> dict:
     """How often generated images show what random captions ask for."""
     rng = np.random.default_rng([seed, 0x6F62])  # "ob"
     # The headline speed: four images of one prompt, as `hyperbooth generate --n 4` draws them.
     generate_images(base, ["a face"], n=1, steps=2, progress=False)  # warm-up
     started = time.perf_counter()
-    generate_images(base, ["a face with red hair"], n=4, seed=seed, steps=steps, progress=False)
+    generate_images(
+        base, ["a face with red hair"], n=4, seed=seed, steps=steps, guidance=guidance,
+        progress=False,
+    )  # fmt: skip
     four_images = time.perf_counter() - started
     singles = []
     while len(singles) < prompts:
@@ -126,6 +130,7 @@ def obedience(
         n=1,
         seed=seed,
         steps=steps,
+        guidance=guidance,
         batch_size=8,
         progress=progress,
     )
@@ -149,7 +154,14 @@ def obedience(
             )
         )
     pair_images = generate_images(
-        base, [c.text for c in pairs], n=1, seed=seed, steps=steps, batch_size=8, progress=progress
+        base,
+        [c.text for c in pairs],
+        n=1,
+        seed=seed,
+        steps=steps,
+        guidance=guidance,
+        batch_size=8,
+        progress=progress,
     )
     pair_traits, pair_context, both_right = [], [], []
     for described, (left, right) in zip(
@@ -172,6 +184,7 @@ def obedience(
         "seconds_per_image": seconds / prompts,
         "seconds_for_four_images": four_images,
         "sampling_steps": steps,
+        "guidance": guidance,
         "pairs": {
             "prompts": pair_prompts,
             "traits_shown": _fraction(pair_traits),
@@ -562,6 +575,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=400, help="personalisation: training steps")
     parser.add_argument("--learning-rate", type=float, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--guidance", type=float, default=7.5, help="obedience: CFG scale")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -571,7 +585,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.what == "conditioning":
         report = conditioning_gain(base, seed=args.seed)
     elif args.what == "obedience":
-        report = obedience(base, judge, args.prompts, args.pair_prompts, args.seed)
+        report = obedience(
+            base, judge, args.prompts, args.pair_prompts, args.seed, guidance=args.guidance
+        )
     elif args.what == "two-concepts":
         config = TwoConceptConfig(
             pairs=args.pairs,
