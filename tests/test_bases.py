@@ -4,6 +4,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
@@ -319,3 +320,6 @@ def test_mini_is_a_small_standard_diffusers_folder() -> None:
     assert base.vae.config.scaling_factor != 0.18215  # measured on its own latents
     pipe = StableDiffusionPipeline.from_pretrained(str(MINI_FOLDER))
     assert pipe.unet.config.sample_size == 16
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a face with red hair", num_inference_steps=2, height=64, width=64).images[0]
+    assert image.size == (64, 64) and np.asarray(image).std() > 0
