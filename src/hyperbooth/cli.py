@@ -186,9 +186,12 @@ def cmd_train(args: argparse.Namespace) -> None:
         device=args.device,
     )
     started = time.perf_counter()
-    if args.method == "dreambooth" and args.base_dtype not in (None, "float32"):
+    if args.method in ("dreambooth", "custom-diffusion") and args.base_dtype not in (
+        None,
+        "float32",
+    ):
         raise HyperboothError(
-            "dreambooth trains the base weights themselves: keep --base-dtype float32"
+            f"{args.method} trains base weights themselves: keep --base-dtype float32"
         )
     base = load_base(args.base, dtype=_dtype(args.base_dtype or "float32"))
     if args.concept and args.method != "custom-diffusion":
