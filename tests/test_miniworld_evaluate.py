@@ -120,3 +120,15 @@ def test_two_concepts_scores_every_approach_and_the_base(toy_world):
     assert set(result["summary"]) == {"joint", "merge", "weighting", "base"}
     # threshold 0: every half counts as either subject, so "both" must be 1 everywhere
     assert all(scores["both"] == 1.0 for scores in result["summary"].values())
+
+
+def test_identity_images_are_distinct_training_identities_and_top_up(tmp_path):
+    from hyperbooth.miniworld.evaluate import identity_images
+    from hyperbooth.miniworld.render import Identity
+
+    identity_images(tmp_path, 3)
+    names = sorted(p.stem for p in tmp_path.iterdir())
+    assert len(names) == 3
+    assert not any(held_out(Identity.from_index(int(n[2:]))) for n in names)
+    identity_images(tmp_path, 5)  # a rerun with more keeps the first three
+    assert set(names) <= {p.stem for p in tmp_path.iterdir()} and len(list(tmp_path.iterdir())) == 5

@@ -4,6 +4,7 @@
     python -m hyperbooth.miniworld.evaluate personalisation --method lidb --out docs/...json
     python -m hyperbooth.miniworld.evaluate conditioning --out runs/conditioning.json
     python -m hyperbooth.miniworld.evaluate two-concepts --out docs/...json
+    python -m hyperbooth.miniworld.evaluate identities --count 1000 --out runs/identities
 
 Obedience: generated images for random captions (fixed seeds); the fraction of the context
 attributes and of the nameable traits each prompt asks for that the judges see.
@@ -88,6 +89,28 @@ def held_out_identities(count: int, seed: int = 0) -> list[Identity]:
         if held_out(identity) and identity not in found:
             found.append(identity)
     return found
+
+
+def identity_images(folder: Path, count: int, seed: int = 0) -> Path:
+    """count distinct training identities (never held out), one reference render each.
+
+    Files are named by identity index, so `hyperbooth precompute --images` keys its per-identity
+    files by them. Existing files are kept (a rerun tops up).
+    """
+    from hyperbooth.miniworld.captions import training_identity
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng([seed, 0x6964])  # "id"
+    seen: set[int] = set()
+    while len(seen) < count:
+        identity = training_identity(rng)
+        if identity.index in seen:
+            continue
+        seen.add(identity.index)
+        path = folder / f"id{identity.index:07d}.png"
+        if not path.is_file():
+            render(identity, REFERENCE_CONTEXT, identity.index % 1000).save(path)
+    return folder
 
 
 def _fraction(hits: Sequence[bool]) -> float | None:
@@ -556,7 +579,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "what", choices=("obedience", "personalisation", "conditioning", "two-concepts")
+        "what",
+        choices=("obedience", "personalisation", "conditioning", "two-concepts", "identities"),
     )
     parser.add_argument("--base", default="mini")
     parser.add_argument("--out", required=True, help="JSON file to write")
@@ -577,7 +601,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--guidance", type=float, default=7.5, help="obedience: CFG scale")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--count", type=int, default=1000, help="identities: how many")
     args = parser.parse_args(argv)
+    if args.what == "identities":  # --out is a folder of training-identity renders
+        identity_images(Path(args.out), args.count, args.seed)
+        print(f"wrote {args.count} training identities to {args.out}")
+        return
     torch.set_num_threads(args.threads)
     base = load_base(args.base)
     judge = Judge.load() if args.what != "conditioning" else None
