@@ -62,7 +62,7 @@ class JudgeConfig:
     repeats: tuple[int, ...] = (1, 1, 2, 1)  # convolutions per level (each level then halves)
     hidden: int = 384
     examples: int = 40_000
-    epochs: int = 6
+    epochs: int = 8
     mixed_precision: str = "bf16"  # AMX-BF16 roughly halves a CPU convolution's time
     batch: int = 128
     lr: float = 2e-3
