@@ -139,6 +139,10 @@ def test_missing_backbones_and_bad_folders_are_one_line_errors(tmp_path):
     _images(1)[0].save(tmp_path / "picture.png")
     with pytest.raises(HyperboothError, match="prompt index"):
         read_generated(tmp_path, ["a", "b"])
+    from hyperbooth.evaluation import judge_scores
+
+    with pytest.raises(HyperboothError, match="not a miniature-world reference"):
+        judge_scores(read_generated(tmp_path, ["a"]), tmp_path / "none.json", ["a"], None)
 
 
 def test_cli_eval_writes_a_report(backbones, tmp_path):

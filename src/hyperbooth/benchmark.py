@@ -21,6 +21,7 @@ from PIL import Image
 
 from hyperbooth.atomic import read_lines, stored_bytes, write_text
 from hyperbooth.errors import HyperboothError
+from hyperbooth.methods import NEW_WORD_METHODS
 
 PROMPTS = Path(__file__).parent / "data" / "prompts"
 PROMPT_SETS = ("dreambench-object", "dreambench-live", "faces", "mini")
@@ -32,7 +33,6 @@ BENCHMARK_METHODS = (
     "textual-inversion",
     "custom-diffusion",
 )
-NEW_WORD_METHODS = ("textual-inversion", "custom-diffusion")
 DEFAULT_STEPS = {
     "hyperdreambooth": 40,
     "dreambooth": 400,
@@ -192,6 +192,7 @@ def run_cell(
     config: BenchmarkConfig,
     out: Path,
     scorers: tuple,
+    judge: object | None = None,
 ) -> dict:
     """Personalise, generate every prompt x seed, score; result.json marks the cell done."""
     from hyperbooth.evaluation import Generated, evaluate, judge_scores
@@ -227,7 +228,7 @@ def run_cell(
     references = [Image.open(p).convert("RGB") for p in subject.images]
     scores = evaluate(generated, references, texts, *scorers, token=config.word(method))
     if subject.info is not None:
-        scores |= judge_scores(generated, subject.info, texts, config.word(method))
+        scores |= judge_scores(generated, subject.info, texts, config.word(method), judge)
     result = {
         "method": method,
         "subject": subject.name,
@@ -261,8 +262,13 @@ def run_benchmark(
     )
     cells = [(m, s) for m in config.methods for s in subjects]
     mine = cells[state.process_index :: state.num_processes]
+    judge = None
+    if any(s.info is not None for _, s in mine):
+        from hyperbooth.miniworld.judges import Judge
+
+        judge = Judge.load()
     for method, subject in tqdm(mine, desc="benchmark", disable=not progress):
-        run_cell(base, method, subject, prompts, config, out, scorers)
+        run_cell(base, method, subject, prompts, config, out, scorers, judge)
     state.wait_for_everyone()
     if not state.is_main_process:
         return None

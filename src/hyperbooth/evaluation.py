@@ -240,11 +240,11 @@ def evaluate(
         report["clip_i"] = mean_cross_cosine(image_embeddings, clip.images(list(references)))
     if dino is not None:
         embeddings = dino.images(generated.images)
-        report["dino"] = mean_cross_cosine(embeddings, dino.images(list(references)))
+        references_e = dino.images(list(references))
+        report["dino"] = mean_cross_cosine(embeddings, references_e)
         index = torch.tensor(generated.prompt_index)
         report["div"] = diversity([embeddings[index == p] for p in range(len(prompts))])
         if class_images:
-            references_e = dino.images(list(references))
             report["pres"] = mean_cross_cosine(dino.images(list(class_images)), references_e)
         if real_images:
             report["kid"] = kid(embeddings, dino.images(list(real_images)))
@@ -267,19 +267,26 @@ def mini_real_images(count: int, seed: int = 0) -> list[Image.Image]:
 
 
 def judge_scores(
-    generated: Generated, reference_json: str | Path, prompts: Sequence[str], token: str | None
+    generated: Generated,
+    reference_json: str | Path,
+    prompts: Sequence[str],
+    token: str | None,
+    judge: object | None = None,
 ) -> dict:
     """Miniature-world judge scores: identity, hidden traits (vs the reference), prompt score."""
     from hyperbooth.miniworld.captions import parse_prompt
     from hyperbooth.miniworld.judges import Judge, identity_score, prompt_score
     from hyperbooth.miniworld.render import CONTEXT_ATTRIBUTES, TRAITS, Identity
 
-    info = json.loads(Path(reference_json).read_text())
-    traits = info.get("traits")
-    if not traits:
-        raise HyperboothError(f"{reference_json} has no 'traits' (a miniature-world reference)")
-    reference = Identity(**{name: TRAITS[name].index(value) for name, value in traits.items()})
-    judge = Judge.load()
+    try:
+        traits = json.loads(Path(reference_json).read_text())["traits"]
+        reference = Identity(**{name: TRAITS[name].index(value) for name, value in traits.items()})
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise HyperboothError(
+            f"{reference_json} is not a miniature-world reference ({type(error).__name__}): "
+            "pass the traits JSON written beside it, e.g. a benchmark subject's traits.json"
+        ) from None
+    judge = judge or Judge.load()
     identity, hidden, prompt = [], [], []
     for reading, index in zip(judge.read(generated.images), generated.prompt_index, strict=True):
         total, hidden_share = identity_score(reference, reading.identity)

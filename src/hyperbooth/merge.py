@@ -24,7 +24,7 @@ from hyperbooth.methods.custom_diffusion import (
     read_custom_diffusion,
     save_custom_diffusion,
 )
-from hyperbooth.methods.textual_inversion import add_new_token
+from hyperbooth.methods.textual_inversion import add_word
 
 
 def closed_form_merge(
@@ -134,10 +134,7 @@ def merge_custom_diffusion(
     c_reg = caption_features(base, captions)
     ids = []
     for token, vector in ((t, v) for _, _, _, vectors in files for t, v in vectors.items()):
-        (row,) = add_new_token(base, token, 1)
-        table = base.text_encoder.get_input_embeddings().weight
-        table[row] = vector[0].to(table.device, table.dtype)
-        ids.append(row)
+        ids += add_word(base, token, vector)
     concepts = [c for _, meta, _, _ in files for c in meta.get("concepts", [])]
     targets = [
         caption_features(base, [c["prompt"] for c in meta.get("concepts", [])], ids)

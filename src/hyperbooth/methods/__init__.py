@@ -22,6 +22,7 @@ from hyperbooth.methods.textual_inversion import TextualInversion, TextualInvers
 from hyperbooth.training import TrainConfig, TrainResult, make_accelerator, train
 
 METHODS = ("dreambooth", "lora", "lidb", "textual-inversion", "custom-diffusion")
+NEW_WORD_METHODS = ("textual-inversion", "custom-diffusion")  # they need a word not yet known
 
 
 def make_method(
@@ -178,6 +179,7 @@ __all__ = [
     "CustomDiffusion",
     "CustomDiffusionConfig",
     "METHODS",
+    "NEW_WORD_METHODS",
     "AdapterDreamBooth",
     "AdapterMethodConfig",
     "DreamBooth",

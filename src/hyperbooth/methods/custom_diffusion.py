@@ -34,7 +34,7 @@ from hyperbooth.adapters.inject import base_fingerprint
 from hyperbooth.diffusion import diffusion_loss, sample_latents
 from hyperbooth.errors import HyperboothError
 from hyperbooth.methods.common import SubjectConfig, SubjectData, encode_images, token_ids
-from hyperbooth.methods.textual_inversion import add_new_token
+from hyperbooth.methods.textual_inversion import add_new_token, add_word
 from hyperbooth.training import StepBatch
 
 CUSTOM_DIFFUSION_FILE = "custom_diffusion.safetensors"
@@ -336,8 +336,6 @@ def load_custom_diffusion(path: str | Path, base: object, weight: float = 1.0) -
         for key, delta in deltas.items():
             parameter = base.unet.get_parameter(key.removeprefix("unet."))
             parameter.add_(weight * delta.to(parameter.device, parameter.dtype))
-        for token, vector in vectors.items():
-            (row,) = add_new_token(base, token, 1)
-            table = base.text_encoder.get_input_embeddings().weight
-            table[row] = vector[0].to(table.device, table.dtype)
+    for token, vector in vectors.items():
+        add_word(base, token, vector)
     return list(vectors)

@@ -201,9 +201,15 @@ def load_textual_inversion(path: str | Path, base: object) -> list[str]:
                 f"{path}: token {token!r} has {vectors.shape[1]}-wide vectors, this text encoder "
                 f"needs {dim}; pass the --base it was trained on"
             )
-        ids = add_new_token(base, token, vectors.shape[0])
-        with torch.no_grad():
-            weight = base.text_encoder.get_input_embeddings().weight
-            weight[ids] = vectors.to(weight.device, weight.dtype)
+        add_word(base, token, vectors)
         added.append(token)
     return added
+
+
+def add_word(base: object, token: str, vectors: torch.Tensor) -> list[int]:
+    """Add a new word with the given (vectors, dim) embedding rows; returns their ids."""
+    ids = add_new_token(base, token, vectors.shape[0])
+    with torch.no_grad():
+        weight = base.text_encoder.get_input_embeddings().weight
+        weight[ids] = vectors.to(weight.device, weight.dtype)
+    return ids

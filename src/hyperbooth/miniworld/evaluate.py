@@ -37,6 +37,7 @@ from hyperbooth.adapters.config import AdapterConfig
 from hyperbooth.atomic import stored_bytes, write_text
 from hyperbooth.bases import load_base
 from hyperbooth.generate import generate_images
+from hyperbooth.methods import NEW_WORD_METHODS
 from hyperbooth.miniworld.captions import caption, pair_caption, sample_training_example
 from hyperbooth.miniworld.judges import Judge, identity_score, prompt_score
 from hyperbooth.miniworld.render import (
@@ -276,9 +277,6 @@ class PersonalisationConfig:
     def token(self) -> str:
         """The subject's word: methods that add a new word need one the tokenizer lacks."""
         return "<sks>" if self.method in NEW_WORD_METHODS else TOKEN
-
-
-NEW_WORD_METHODS = ("textual-inversion", "custom-diffusion")
 
 
 def regularisation_folder(folder: Path, count: int, seed: int = 0) -> Path:

@@ -448,8 +448,6 @@ def train_denoiser(
         if config.sample_every and (step + 1) % config.sample_every == 0:
             sampler_text = ema.get("text_encoder", text_encoder)
             write_samples(base, ema["unet"], sampler_text, work / "samples" / f"{step + 1:06d}.png")
-            unet.train()
-            text_encoder.train(trains_text)
     _save_state(checkpoint, modules, optimizer, config.denoiser_steps, losses)
     base.unet = ema["unet"].eval()
     base.text_encoder = ema.get("text_encoder", text_encoder).eval()
