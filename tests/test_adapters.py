@@ -9,17 +9,27 @@ import pytest
 import torch
 
 from conftest import outputs, randomize, unet_inputs
-from hyperbooth.adapters.config import AdapterConfig
+from hyperbooth.adapters.config import DEFAULT_UNET_TARGETS, AdapterConfig
 from hyperbooth.adapters.files import load_adapter, read_adapter, save_adapter
 from hyperbooth.adapters.inject import add_adapter, disable_adapters
 from hyperbooth.adapters.layers import orthogonal_rows
 from hyperbooth.errors import HyperboothError
 
+CONV_TARGETS = (
+    *DEFAULT_UNET_TARGETS,
+    r".*resnets\.\d+\.conv[12]",
+    r".*downsamplers\.0\.conv",
+    r".*attentions\.\d+\.proj_(in|out)",
+)
 CONFIGS = {
     "lora-r1": AdapterConfig(kind="lora", rank=1),
     "lora-r4-alpha": AdapterConfig(kind="lora", rank=4, alpha=2.0),
     "lidb": AdapterConfig(kind="lidb", rank=1, lidb_a=16, lidb_b=8, seed=3),
     "lidb-r2": AdapterConfig(kind="lidb", rank=2, lidb_a=100, lidb_b=50, seed=7),
+    # Convolutions too: the ResNet convs, the 3x3 downsampler and the 1x1 proj_in/out of
+    # tiny-random's transformers (which use_linear_projection=False makes Conv2d).
+    "lora-r2-conv": AdapterConfig(kind="lora", rank=2, unet_targets=CONV_TARGETS),
+    "lidb-conv": AdapterConfig(kind="lidb", lidb_a=16, lidb_b=8, seed=5, unet_targets=CONV_TARGETS),
 }
 matrix = pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
 

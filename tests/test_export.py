@@ -12,16 +12,20 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file
 
 from conftest import outputs, randomize
-from hyperbooth.adapters.config import AdapterConfig
+from hyperbooth.adapters.config import DEFAULT_UNET_TARGETS, AdapterConfig
 from hyperbooth.adapters.export import export_adapter, to_diffusers, to_kohya
 from hyperbooth.adapters.files import save_adapter
 from hyperbooth.adapters.inject import adapted_layers, add_adapter
 from hyperbooth.errors import HyperboothError
 
+# Attention plus the ResNet convolutions (3x3 kernels: conv LoRA layout in both formats).
+CONV_TARGETS = (*DEFAULT_UNET_TARGETS, r".*resnets\.\d+\.conv[12]")
 CONFIGS = {
     "lora-r1": AdapterConfig(kind="lora", rank=1),
     "lora-r4-alpha": AdapterConfig(kind="lora", rank=4, alpha=3.0),
     "lidb": AdapterConfig(kind="lidb", rank=1, lidb_a=16, lidb_b=8, seed=3),
+    "lora-r2-conv": AdapterConfig(kind="lora", rank=2, unet_targets=CONV_TARGETS),
+    "lidb-conv": AdapterConfig(kind="lidb", lidb_a=16, lidb_b=8, seed=5, unet_targets=CONV_TARGETS),
 }
 matrix = pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
 # The key pattern A1111's Lora extension and ComfyUI accept for kohya sd-scripts files.
@@ -93,7 +97,7 @@ def _patch_like_comfyui(base, tensors: dict[str, torch.Tensor]) -> None:
     modules = {}
     for component, prefix in (("unet", "lora_unet_"), ("text_encoder", "lora_te_text_model_")):
         for path, module in getattr(base, component).named_modules():
-            if isinstance(module, torch.nn.Linear):
+            if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
                 modules[prefix + path.replace(".", "_")] = module
     names = {key.split(".")[0] for key in tensors}
     assert len(tensors) == 3 * len(names), "every layer needs lora_down, lora_up and alpha"
@@ -102,7 +106,8 @@ def _patch_like_comfyui(base, tensors: dict[str, torch.Tensor]) -> None:
             assert name in modules, f"{name} names no module of the base"
             down, up = tensors[f"{name}.lora_down.weight"], tensors[f"{name}.lora_up.weight"]
             alpha = tensors[f"{name}.alpha"].item()
-            modules[name].weight += up @ down * (alpha / down.shape[0])
+            weight = modules[name].weight
+            weight += (up.flatten(1) @ down.flatten(1)).reshape(weight.shape) * (alpha / len(down))
 
 
 @matrix

@@ -37,9 +37,10 @@ def _split(key: str, down: Tensor, up: Tensor) -> tuple[str, str]:
     component, _, path = key.partition(".")
     if component not in COMPONENTS or not path:
         raise ValueError(f"factor key {key!r} does not start with one of {COMPONENTS}")
-    if down.dim() != 2 or up.dim() != 2 or down.shape[0] != up.shape[1]:
+    if down.dim() != up.dim() or down.dim() not in (2, 4) or down.shape[0] != up.shape[1]:
         raise ValueError(
-            f"{key}: expected down (r, in) and up (out, r), got {tuple(down.shape)} and "
+            f"{key}: expected down (r, in) and up (out, r) (a conv: (r, in, kh, kw) and "
+            f"(out, r, 1, 1)), got {tuple(down.shape)} and "
             f"{tuple(up.shape)} (per-sample adapters cannot be exported as one LoRA)"
         )
     if component == "text_encoder" and not path.startswith(_TEXT_MODEL):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from safetensors.torch import load_file, safe_open, save_file
 
 from hyperbooth.adapters.config import AdapterConfig
 from hyperbooth.adapters.inject import Adapter, add_adapter, base_fingerprint, target_layers
-from hyperbooth.adapters.layers import LiDBWeights, make_weights
+from hyperbooth.adapters.layers import LiDBWeights, make_weights, shaped_factors
 from hyperbooth.atomic import atomic_file
 from hyperbooth.errors import HyperboothError
 
@@ -41,7 +42,7 @@ class AdapterFile:
     base_name: str = ""
     aux_checksum: float = 0.0
     info: dict | None = None
-    layer_shapes: dict[str, tuple[int, int]] | None = None  # key -> (out, in) of the base layer
+    layer_shapes: dict[str, tuple[int, ...]] | None = None  # key -> the base layer's weight shape
 
     def materialize(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Plain LoRA factors per layer, scale folded into up, without needing the base model."""
@@ -50,9 +51,10 @@ class AdapterFile:
                 "this adapter file records no layer shapes; load it onto its base instead"
             )
         out = {}
-        for key, (out_features, in_features) in self.layer_shapes.items():
+        for key, shape in self.layer_shapes.items():
+            in_features = math.prod(shape[1:])
             weights = make_weights(
-                self.config, key, torch.nn.Linear(in_features, out_features, device="meta")
+                self.config, key, torch.nn.Linear(in_features, shape[0], device="meta")
             )
             weights.load_state_dict(
                 {name: self.tensors[f"{key}.{name}"] for name, _ in weights.named_parameters()},
@@ -61,7 +63,7 @@ class AdapterFile:
             )
             with torch.no_grad():
                 down, up = weights.factors()
-            out[key] = (down, self.config.scale * up)
+            out[key] = shaped_factors(down, self.config.scale * up, shape)
         return out
 
 
@@ -90,7 +92,7 @@ def adapter_metadata(adapter: Adapter, base_name: str = "", info: dict | None = 
         "base_name": base_name,
         "aux_checksum": aux_checksum(adapter),
         "info": info or {},
-        # (out, in) per layer, in key order: enough to rebuild LiDB bases without the base model.
+        # Weight shape per layer, in key order: enough to rebuild LiDB bases without the base model.
         "layer_shapes": [list(layer.weight.shape) for layer in adapter.layers.values()],
     }
     return {METADATA_KEY: json.dumps(meta)}
@@ -198,7 +200,7 @@ def combine_factors(
 
 
 def _layer_shapes(tensors: dict[str, torch.Tensor], shapes: list | None) -> dict | None:
-    """Pair the stored (out, in) list with the layer keys (sorted, as saved)."""
+    """Pair the stored weight shapes with the layer keys (sorted, as saved)."""
     if shapes is None:
         return None
     keys = sorted({key.rpartition(".")[0] for key in tensors})
@@ -206,7 +208,7 @@ def _layer_shapes(tensors: dict[str, torch.Tensor], shapes: list | None) -> dict
         raise HyperboothError(
             f"adapter metadata lists {len(shapes)} layer shapes for {len(keys)} layers"
         )
-    return {key: (int(o), int(i)) for key, (o, i) in zip(keys, shapes, strict=True)}
+    return {key: tuple(int(n) for n in shape) for key, shape in zip(keys, shapes, strict=True)}
 
 
 def check_fits(file: AdapterFile, base: object, path: str | Path = "adapter") -> None:

@@ -15,8 +15,16 @@ import torch
 from torch import nn
 
 from hyperbooth.adapters.config import COMPONENTS, AdapterConfig
-from hyperbooth.adapters.layers import AdaptedLinear, AdapterWeights, make_weights
+from hyperbooth.adapters.layers import (
+    AdaptedLayer,
+    AdapterWeights,
+    make_weights,
+    shaped_factors,
+    wrap_layer,
+)
 from hyperbooth.errors import HyperboothError
+
+ADAPTABLE = (nn.Linear, nn.Conv2d)
 
 
 def components(base: object) -> dict[str, nn.Module]:
@@ -25,13 +33,13 @@ def components(base: object) -> dict[str, nn.Module]:
 
 
 def find_targets(model: nn.Module, patterns: tuple[str, ...]) -> list[str]:
-    """Paths of the nn.Linear layers (wrapped or not) whose path fully matches a pattern."""
+    """Paths of the nn.Linear / nn.Conv2d layers (wrapped or not) fully matching a pattern."""
     compiled = [re.compile(p) for p in patterns]
     found = []
     for path, module in model.named_modules():
-        if isinstance(module, AdaptedLinear):
+        if isinstance(module, AdaptedLayer):
             pass
-        elif not isinstance(module, nn.Linear) or path.endswith(".base_layer"):
+        elif not isinstance(module, ADAPTABLE) or path.endswith(".base_layer"):
             continue
         if any(p.fullmatch(path) for p in compiled):
             found.append(path)
@@ -46,7 +54,7 @@ def target_layers(base: object, config: AdapterConfig) -> dict[str, nn.Module]:
             paths = find_targets(model, (pattern,))
             if not paths:
                 raise HyperboothError(
-                    f"layer pattern {pattern!r} matches no nn.Linear in the {component}; "
+                    f"layer pattern {pattern!r} matches no nn.Linear or nn.Conv2d in the {component}; "
                     f"check it against the module names (e.g. 'down_blocks.0.attentions.0."
                     f"transformer_blocks.0.attn1.to_q' or 'encoder.layers.0.self_attn.q_proj')"
                 )
@@ -61,12 +69,12 @@ def base_fingerprint(layers: Mapping[str, nn.Module]) -> str:
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
 
 
-def _wrap(model: nn.Module, path: str) -> AdaptedLinear:
-    """Replace the nn.Linear at `path` by an AdaptedLinear (idempotent)."""
+def _wrap(model: nn.Module, path: str) -> AdaptedLayer:
+    """Replace the layer at `path` by its adapted wrapper (idempotent)."""
     module = model.get_submodule(path)
-    if isinstance(module, AdaptedLinear):
+    if isinstance(module, AdaptedLayer):
         return module
-    wrapped = AdaptedLinear(module)
+    wrapped = wrap_layer(module)
     parent_path, _, child = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
     setattr(parent, child, wrapped)
@@ -80,7 +88,7 @@ class Adapter:
         self,
         config: AdapterConfig,
         name: str,
-        layers: dict[str, AdaptedLinear],
+        layers: dict[str, AdaptedLayer],
         fingerprint: str,
     ):
         self.config = config
@@ -164,12 +172,14 @@ class Adapter:
             layer.remove(self.name)
 
     def materialize(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Plain LoRA factors per layer with the scale folded into up: key -> (down, up)."""
+        """Plain LoRA factors per layer, scale folded into up, in each layer's layout (a conv's
+        down is (r, in, kh, kw) and up (out, r, 1, 1)): key -> (down, up)."""
         out = {}
         with torch.no_grad():
             for key, layer in self.layers.items():
                 down, up = layer.adapters[self.name].factors()
-                out[key] = (down.detach().clone(), (layer.scales[self.name] * up).detach().clone())
+                down, up = shaped_factors(down, layer.scales[self.name] * up, layer.weight.shape)
+                out[key] = (down.detach().clone(), up.detach().clone())
         return out
 
 
@@ -186,7 +196,7 @@ def add_adapter(
     targets = target_layers(base, config)
     fingerprint = base_fingerprint(targets)
     models = components(base)
-    layers: dict[str, AdaptedLinear] = {}
+    layers: dict[str, AdaptedLayer] = {}
     for key in targets:
         component, _, path = key.partition(".")
         layer = _wrap(models[component], path)
@@ -195,12 +205,12 @@ def add_adapter(
     return Adapter(config, name, layers, fingerprint)
 
 
-def adapted_layers(base: object) -> dict[str, AdaptedLinear]:
-    """Every AdaptedLinear in the base, keyed '<component>.<path>'."""
+def adapted_layers(base: object) -> dict[str, AdaptedLayer]:
+    """Every adapted layer in the base, keyed '<component>.<path>'."""
     found = {}
     for component, model in components(base).items():
         for path, module in model.named_modules():
-            if isinstance(module, AdaptedLinear):
+            if isinstance(module, AdaptedLayer):
                 found[f"{component}.{path}"] = module
     return found
 

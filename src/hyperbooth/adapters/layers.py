@@ -1,7 +1,7 @@
-"""Adapter weights and the nn.Linear wrapper that adds them to a frozen base layer.
+"""Adapter weights and the wrappers that add them to a frozen nn.Linear or nn.Conv2d.
 
 Every weight-space adapter reduces to low-rank factors ``down`` (r x in) and ``up`` (out x r),
-so ``delta W = up @ down``. A leading batch dimension on the factors is the per-sample path:
+so ``delta W = up @ down``; a Conv2d is the matrix (out, in * kh * kw). A leading batch dimension on the factors is the per-sample path:
 element i of the input batch uses factors[i] (pre-optimising many identities at once, the
 hypernetwork's predictions).
 """
@@ -141,17 +141,27 @@ class LiDBWeights(AdapterWeights):
         return down, up
 
 
+def layer_dims(layer: nn.Module) -> tuple[int, int]:
+    """(in, out) of a layer as a matrix: a Conv2d's input is its flattened (in, kh, kw) patch."""
+    if isinstance(layer, nn.Conv2d):
+        if layer.groups != 1:
+            raise ValueError(f"grouped convolutions (groups={layer.groups}) cannot be adapted")
+        return layer.weight[0].numel(), layer.out_channels
+    return layer.in_features, layer.out_features
+
+
 def make_weights(
-    config: AdapterConfig, key: str, base: nn.Linear, n_samples: int | None = None
+    config: AdapterConfig, key: str, base: nn.Module, n_samples: int | None = None
 ) -> AdapterWeights:
     """Build the adapter weights of `config` for one base layer identified by `key`.
 
     Everything random (LiDB aux bases, initial values) derives from (config.seed, key).
     """
+    in_features, out_features = layer_dims(base)
     if config.kind == "lidb":
         return LiDBWeights(
-            base.in_features,
-            base.out_features,
+            in_features,
+            out_features,
             config.rank,
             config.lidb_a,
             config.lidb_b,
@@ -159,30 +169,29 @@ def make_weights(
             n_samples,
         )
     return LoRAWeights(
-        base.in_features, base.out_features, config.rank, layer_seed(config.seed, key), n_samples
+        in_features, out_features, config.rank, layer_seed(config.seed, key), n_samples
     )
 
 
-class AdaptedLinear(nn.Module):
-    """A frozen nn.Linear plus any number of named adapters, each with its own scale."""
+def shaped_factors(
+    down: torch.Tensor, up: torch.Tensor, weight_shape: tuple[int, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors in the layout of the layer they adapt: a conv gets (r, in, kh, kw) and (out, r, 1, 1)."""
+    if len(weight_shape) == 2:
+        return down, up
+    return down.reshape(down.shape[0], *weight_shape[1:]), up.reshape(*up.shape, 1, 1)
 
-    def __init__(self, base_layer: nn.Linear):
+
+class AdaptedLayer(nn.Module):
+    """A frozen layer plus any number of named adapters, each with its own scale."""
+
+    def __init__(self, base_layer: nn.Module):
         super().__init__()
         self.base_layer = base_layer
         self.adapters = nn.ModuleDict()
         self.scales: dict[str, float] = {}
         self.merged: list[str] = []
         self.disabled = False
-
-    @property
-    def in_features(self) -> int:
-        """Input width of the wrapped layer."""
-        return self.base_layer.in_features
-
-    @property
-    def out_features(self) -> int:
-        """Output width of the wrapped layer."""
-        return self.base_layer.out_features
 
     @property
     def weight(self) -> torch.Tensor:
@@ -208,16 +217,20 @@ class AdaptedLinear(nn.Module):
         del self.adapters[name]
         del self.scales[name]
 
+    def _delta(self, name: str) -> torch.Tensor:
+        """The scaled weight change of one adapter, in the base weight's shape and dtype."""
+        weights = self.adapters[name]
+        if weights.n_samples:
+            raise ValueError("a per-sample adapter cannot be merged into one base weight")
+        delta = self.scales[name] * weights.delta_weight()
+        return delta.reshape(self.base_layer.weight.shape).to(self.base_layer.weight.dtype)
+
     def merge(self, name: str) -> None:
         """Add the adapter's delta into the base weight; it then stops acting as a side path."""
         if name in self.merged:
             return
-        weights = self.adapters[name]
-        if weights.n_samples:
-            raise ValueError("a per-sample adapter cannot be merged into one base weight")
         with torch.no_grad():
-            delta = self.scales[name] * weights.delta_weight()
-            self.base_layer.weight += delta.to(self.base_layer.weight.dtype)
+            self.base_layer.weight += self._delta(name)
         self.merged.append(name)
 
     def unmerge(self, name: str) -> None:
@@ -225,9 +238,12 @@ class AdaptedLinear(nn.Module):
         if name not in self.merged:
             return
         with torch.no_grad():
-            delta = self.scales[name] * self.adapters[name].delta_weight()
-            self.base_layer.weight -= delta.to(self.base_layer.weight.dtype)
+            self.base_layer.weight -= self._delta(name)
         self.merged.remove(name)
+
+    def adapter_output(self, weights: AdapterWeights, x: torch.Tensor) -> torch.Tensor:
+        """One adapter's (unscaled) contribution to the layer output for input x."""
+        raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Base output plus every active, unmerged adapter's scaled contribution."""
@@ -243,6 +259,58 @@ class AdaptedLinear(nn.Module):
             param = next(weights.parameters())
             # Under autocast the matmuls pick their own precision; otherwise match the adapter dtype.
             autocast = torch.is_autocast_enabled(x.device.type)
-            delta = weights(x if autocast else x.to(param.dtype))
+            delta = self.adapter_output(weights, x if autocast else x.to(param.dtype))
             out = out + scale * delta.to(out.dtype)
         return out
+
+
+class AdaptedLinear(AdaptedLayer):
+    """A frozen nn.Linear plus named adapters."""
+
+    @property
+    def in_features(self) -> int:
+        """Input width of the wrapped layer."""
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        """Output width of the wrapped layer."""
+        return self.base_layer.out_features
+
+    def adapter_output(self, weights: AdapterWeights, x: torch.Tensor) -> torch.Tensor:
+        """x through down then up."""
+        return weights(x)
+
+
+class AdaptedConv2d(AdaptedLayer):
+    """A frozen nn.Conv2d plus named adapters: down is a conv like the base's, up a 1x1 conv."""
+
+    def adapter_output(self, weights: AdapterWeights, x: torch.Tensor) -> torch.Tensor:
+        """x through the down conv (per sample: one group per batch element), then up."""
+        conv = self.base_layer
+        down, up = weights.factors()
+        kernel = conv.weight.shape[1:]
+        options = {"stride": conv.stride, "padding": conv.padding, "dilation": conv.dilation}
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"padding mode {conv.padding_mode!r} is not supported by adapters")
+        if down.dim() == 2:
+            hidden = F.conv2d(x, down.reshape(down.shape[0], *kernel), **options)
+            return F.conv2d(hidden, up[:, :, None, None])
+        batch, rank = down.shape[:2]
+        if x.shape[0] != batch:
+            raise ValueError(
+                f"per-sample adapter holds {batch} weight sets but the input batch is {x.shape[0]}"
+            )
+        grouped = x.reshape(1, -1, *x.shape[2:])  # (1, B*in, H, W): one group per element
+        hidden = F.conv2d(grouped, down.reshape(batch * rank, *kernel), groups=batch, **options)
+        height, width = hidden.shape[2:]
+        out = torch.bmm(up, hidden.reshape(batch, rank, -1))  # (B, out, H'W')
+        return out.reshape(batch, -1, height, width)
+
+
+def wrap_layer(layer: nn.Module) -> AdaptedLayer:
+    """The adapted wrapper of an nn.Linear or nn.Conv2d."""
+    if isinstance(layer, nn.Conv2d):
+        layer_dims(layer)  # rejects grouped convolutions
+        return AdaptedConv2d(layer)
+    return AdaptedLinear(layer)

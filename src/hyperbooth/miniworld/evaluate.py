@@ -272,6 +272,9 @@ class PersonalisationConfig:
     sampling_steps: int = 20
     seed: int = 0
     regularisation_images: int = 200  # custom-diffusion: captioned training renders
+    rank: int = 1  # lidb, lora
+    unet_targets: tuple[str, ...] | None = None  # lidb, lora: None keeps METHOD 3.1's layer set
+    train_text_encoder: bool | None = None  # None: the method's default
 
     @property
     def token(self) -> str:
@@ -342,7 +345,10 @@ def personalisation(
                 Path(shared.name) / "regularisation", config.regularisation_images, config.seed
             )
         )
-    adapter = AdapterConfig(kind=config.method) if config.method in ("lidb", "lora") else None
+    adapter = None
+    if config.method in ("lidb", "lora"):
+        targets = {} if config.unet_targets is None else {"unet_targets": config.unet_targets}
+        adapter = AdapterConfig(kind=config.method, rank=config.rank, **targets)
     for index, identity in enumerate(
         tqdm(held_out_identities(config.identities, config.seed), disable=not progress)
     ):
@@ -365,6 +371,7 @@ def personalisation(
                     device="cpu",
                 ),
                 progress=False,
+                train_text_encoder=config.train_text_encoder,
                 textual_inversion=TextualInversionConfig(initializer="face"),
                 custom_diffusion=CustomDiffusionConfig(seed=config.seed),
             )
@@ -596,6 +603,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--steps", type=int, default=400, help="personalisation: training steps")
     parser.add_argument("--learning-rate", type=float, default=None)
+    parser.add_argument("--rank", type=int, default=1, help="personalisation: lidb/lora rank")
+    parser.add_argument(
+        "--unet-targets",
+        nargs="+",
+        default=None,
+        help="personalisation: UNet layer patterns (regex on module paths; default METHOD 3.1's)",
+    )
+    parser.add_argument(
+        "--no-text-encoder", action="store_true", help="personalisation: adapt the UNet only"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--guidance", type=float, default=7.5, help="obedience: CFG scale")
     parser.add_argument("--threads", type=int, default=2)
@@ -631,6 +648,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             steps=args.steps,
             learning_rate=args.learning_rate,
             seed=args.seed,
+            rank=args.rank,
+            unet_targets=None if args.unet_targets is None else tuple(args.unet_targets),
+            train_text_encoder=False if args.no_text_encoder else None,
         )
         report = personalisation(base, judge, config)
     report["command"] = "python -m hyperbooth.miniworld.evaluate " + " ".join(

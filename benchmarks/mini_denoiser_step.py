@@ -1,0 +1,85 @@
+"""Time one training step of the mini denoiser under several settings (where the second goes).
+
+python benchmarks/mini_denoiser_step.py --out docs/mini_denoiser_step.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from contextlib import nullcontext
+
+import torch
+
+from hyperbooth.miniworld.train_base import MiniConfig, build_models
+
+
+def _time(fn, repeats: int) -> float:
+    """Median seconds of fn() after two warm-up calls."""
+    fn()
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def _step(unet, text, optimizer, latents, ids, precision: str):
+    """One forward+backward+AdamW step of the UNet on random inputs, as a closure."""
+    timesteps = torch.randint(0, 1000, (len(latents),))
+
+    def step() -> None:
+        context = torch.autocast("cpu", torch.bfloat16) if precision == "bf16" else nullcontext()
+        with context:
+            with torch.no_grad():
+                hidden = text(ids)[0]
+            loss = unet(latents, timesteps, hidden).sample.float().pow(2).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def main() -> None:
+    """Print and write step times of the mini UNet (forward+backward+AdamW) per setting."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    config = MiniConfig()
+    base = build_models(config)
+    unet, text = base.unet.train(), base.text_encoder.eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4, fused=True)
+    results = {}
+    for batch in (32, 64):
+        for tokens in (77, 24):
+            for precision in ("fp32", "bf16"):
+                for layout in ("contiguous", "channels_last"):
+                    last = layout == "channels_last"
+                    unet.to(memory_format=torch.channels_last if last else torch.contiguous_format)
+                    latents = torch.randn(batch, config.latent_channels, 16, 16)
+                    if last:
+                        latents = latents.to(memory_format=torch.channels_last)
+                    ids = torch.randint(0, 49000, (batch, tokens))
+
+                    step = _step(unet, text, optimizer, latents, ids, precision)
+                    seconds = _time(step, args.repeats)
+                    key = f"batch{batch}_tokens{tokens}_{precision}_{layout}"
+                    results[key] = {"seconds": seconds, "samples_per_second": batch / seconds}
+                    print(
+                        f"{key:45s} {seconds:.3f} s  {batch / seconds:6.1f} samples/s", flush=True
+                    )
+    if args.out:
+        results["command"] = "python benchmarks/mini_denoiser_step.py --out " + args.out
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
