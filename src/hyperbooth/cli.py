@@ -71,7 +71,8 @@ def _adapter_flags(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         default=list(DEFAULT_UNET_TARGETS),
         metavar="REGEX",
-        help="UNet module paths to adapt (re.fullmatch; default: attn1/attn2 to_q/k/v/out.0)",
+        help="UNet module paths to adapt (re.fullmatch; default: attn1/attn2 to_q/k/v/out.0; "
+        "nn.Linear and nn.Conv2d layers, e.g. '.*resnets\\.\\d+\\.conv[12]' for the ResNet convs)",
     )
     g.add_argument(
         "--text-encoder-targets",
@@ -1037,7 +1038,7 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="end-to-end run on a built-in model", description=cmd_demo.__doc__
     )
     p.add_argument("--out", default="demo-output")
-    p.add_argument("--steps", type=int, default=300, help="LiDB training steps")
+    p.add_argument("--steps", type=int, default=400, help="LoRA training steps")
     p.add_argument("--base", default="mini", help="a miniature-world model (default: mini)")
     p.set_defaults(func=cmd_demo)
     return parser

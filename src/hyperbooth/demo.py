@@ -12,7 +12,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from hyperbooth.adapters.config import AdapterConfig
+from hyperbooth.adapters.config import RESNET_CONV_TARGETS, AdapterConfig
 from hyperbooth.atomic import write_text
 from hyperbooth.bases import MINI, MINI_FOLDER, TINY_RANDOM, load_base
 from hyperbooth.generate import generate_images, image_grid
@@ -24,7 +24,14 @@ from hyperbooth.training import TrainConfig
 DATA = Path(__file__).parent / "data"
 REFERENCE_IMAGE = DATA / "demo_reference.png"
 REFERENCE_INFO = DATA / "demo_reference.json"
-DEMO_METHOD = "lidb"
+DEMO_METHOD = "lora"
+# The best measured setting on `mini` (docs/MINIWORLD.md, "Personalisation on mini"): a rank-16
+# LoRA on the UNet's ResNet convolutions, the text encoder untouched.
+DEMO_ADAPTER = AdapterConfig(
+    kind=DEMO_METHOD, rank=16, unet_targets=RESNET_CONV_TARGETS, text_encoder_targets=()
+)
+DEMO_LEARNING_RATE = 1e-3
+DEMO_STEPS = 400
 JUDGE_RESOLUTION = 64
 DEMO_CONTEXTS: tuple[dict[str, str], ...] = (
     {"headwear": "hat"},
@@ -52,13 +59,13 @@ def write_reference(folder: Path = DATA) -> None:
 
 def run_demo(
     out_dir: Path,
-    steps: int = 300,
+    steps: int = DEMO_STEPS,
     base_spec: str = MINI,
     images_per_prompt: int = 3,
     sampling_steps: int = 20,
     judge: Judge | None = None,
 ) -> dict:
-    """Load, personalise with LiDB, generate, judge; report time per stage, size and scores."""
+    """Load, personalise with LoRA, generate, judge; report time per stage, size and scores."""
     from hyperbooth.miniworld.evaluate import score_images, subject_prompt
     from hyperbooth.miniworld.judges import chance_levels
     from hyperbooth.miniworld.render import Identity
@@ -86,8 +93,8 @@ def run_demo(
         out_dir,
         DEMO_METHOD,
         SubjectConfig(token="sks", class_name="face"),
-        AdapterConfig(kind=DEMO_METHOD),
-        TrainConfig(steps=steps),
+        DEMO_ADAPTER,
+        TrainConfig(steps=steps, learning_rate=DEMO_LEARNING_RATE),
     )
     times["personalise"] = result.seconds
 

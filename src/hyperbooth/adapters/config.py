@@ -13,6 +13,9 @@ COMPONENTS = ("unet", "text_encoder")
 # METHOD 3.1: every attn1/attn2 projection of the UNet, and the text encoder's attention and MLP.
 # Patterns are matched with re.fullmatch against module paths inside each component.
 DEFAULT_UNET_TARGETS = (r".*attn[12]\.(to_q|to_k|to_v|to_out\.0)",)
+# The ResNet convolutions of a UNet: where a small UNet such as `mini` keeps what a face looks
+# like (docs/MINIWORLD.md: attention-only adapters barely move its identity score).
+RESNET_CONV_TARGETS = (r".*resnets\.\d+\.conv[12]",)
 DEFAULT_TEXT_ENCODER_TARGETS = (
     r".*self_attn\.(q_proj|k_proj|v_proj|out_proj)",
     r".*mlp\.(fc1|fc2)",

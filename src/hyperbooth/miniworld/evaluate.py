@@ -275,6 +275,8 @@ class PersonalisationConfig:
     rank: int = 1  # lidb, lora
     unet_targets: tuple[str, ...] | None = None  # lidb, lora: None keeps METHOD 3.1's layer set
     train_text_encoder: bool | None = None  # None: the method's default
+    # Prior preservation on captioned training renders (always on for custom-diffusion).
+    regularise: bool = False
 
     @property
     def token(self) -> str:
@@ -339,7 +341,7 @@ def personalisation(
     rows = []
     shared = tempfile.TemporaryDirectory()
     regularisation = None
-    if config.method == "custom-diffusion":
+    if config.method == "custom-diffusion" or config.regularise:
         regularisation = str(
             regularisation_folder(
                 Path(shared.name) / "regularisation", config.regularisation_images, config.seed
@@ -613,6 +615,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--no-text-encoder", action="store_true", help="personalisation: adapt the UNet only"
     )
+    parser.add_argument(
+        "--regularise",
+        action="store_true",
+        help="personalisation: prior preservation on captioned training renders",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--guidance", type=float, default=7.5, help="obedience: CFG scale")
     parser.add_argument("--threads", type=int, default=2)
@@ -651,6 +658,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             rank=args.rank,
             unet_targets=None if args.unet_targets is None else tuple(args.unet_targets),
             train_text_encoder=False if args.no_text_encoder else None,
+            regularise=args.regularise,
         )
         report = personalisation(base, judge, config)
     report["command"] = "python -m hyperbooth.miniworld.evaluate " + " ".join(

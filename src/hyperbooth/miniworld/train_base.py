@@ -484,6 +484,13 @@ def export(base: Base, folder: Path, config: MiniConfig, report: dict) -> None:
         copy.deepcopy(m).half() for m in (base.unet, base.text_encoder, base.vae)
     )
     save_base(half, folder)
+    # Stored in float16, loaded in float32: diffusers loads float32 by default, transformers 5
+    # loads the dtype its config names, and a pipeline of mixed dtypes fails on the CPU.
+    text_config = folder / "text_encoder" / "config.json"
+    write_text(
+        text_config,
+        json.dumps(json.loads(text_config.read_text()) | {"dtype": "float32"}, indent=2),
+    )
     write_text(
         folder / "hyperbooth_mini.json", json.dumps({"config": asdict(config), **report}, indent=2)
     )
