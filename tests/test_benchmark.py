@@ -8,6 +8,7 @@ import json
 import pytest
 from PIL import Image
 
+from hyperbooth.adapters.files import read_adapter
 from hyperbooth.benchmark import (
     PROMPT_SETS,
     BenchmarkConfig,
@@ -51,9 +52,17 @@ def test_benchmark_runs_every_cell_once_and_summarises(tmp_path):
     args += ["--methods", "lidb,textual-inversion", "--prompts", str(prompts), "--seeds", "1"]
     args += ["--method-steps", "lidb=2", "--method-steps", "textual-inversion=2"]
     args += ["--sampling-steps", "2", "--out", str(out)]
+    # Adapter settings reach the adapter methods: rank 2 on the ResNet convs, UNet only.
+    args += ["--method-lr", "lidb=1e-2", "--rank", "2", "--no-text-encoder"]
+    args += ["--unet-targets", r".*resnets\.\d+\.conv[12]"]
     assert cli(args) == 0
     cells = sorted(out.glob("cells/*/*/result.json"))
     assert len(cells) == 4
+    (adapter,) = (out / "cells" / "lidb" / "red").rglob("adapter.safetensors")
+    stored = read_adapter(adapter)
+    assert stored.config.rank == 2 and stored.config.kind == "lidb"
+    assert {key.split(".")[0] for key in stored.tensors} == {"unet"}
+    assert all(".resnets." in key for key in stored.tensors)
     result = json.loads((out / "cells" / "textual-inversion" / "blue" / "result.json").read_text())
     assert result["stored_bytes"] > 0 and result["scores"]["images"] == 2
     assert sorted(p.name for p in (cells[0].parent / "images").iterdir()) == [
@@ -82,3 +91,5 @@ def test_bad_benchmark_specs_are_one_line_errors(tmp_path):
     with pytest.raises(HyperboothError, match="no subject folders"):
         read_subjects(tmp_path)
     assert cli(["benchmark", "--base", "tiny-random", "--subjects", "mini:x", "--out", "o"]) == 2
+    bad_rate = ["--method-lr", "lora=fast", "--subjects", str(tmp_path), "--out", "o"]
+    assert cli(["benchmark", "--base", "tiny-random", *bad_rate]) == 2

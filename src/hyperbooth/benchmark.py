@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from hyperbooth.adapters.config import AdapterConfig
 from hyperbooth.atomic import read_lines, stored_bytes, write_text
 from hyperbooth.errors import HyperboothError
 from hyperbooth.methods import NEW_WORD_METHODS
@@ -54,6 +55,9 @@ class BenchmarkConfig:
     guidance: float = 7.5
     token: str = "sks"
     steps: dict[str, int] = field(default_factory=dict)  # per method; default DEFAULT_STEPS
+    learning_rates: dict[str, float] = field(default_factory=dict)  # per method; default its own
+    adapter: AdapterConfig | None = None  # lora / lidb: rank, layers (kind is set per method)
+    train_text_encoder: bool = True  # lora / lidb
     hypernet: str | None = None
     clip: str | None = None  # None: no CLIP scores
     dino: str | None = None
@@ -176,7 +180,14 @@ def _fit(base: object, method: str, subject: Subject, config: BenchmarkConfig, o
         out / "fit",
         method,
         SubjectConfig(token=config.word(method), class_name=subject.class_name),
-        train_config=TrainConfig(steps=steps, seed=config.seed, device=config.device),
+        config.adapter,
+        TrainConfig(
+            steps=steps,
+            learning_rate=config.learning_rates.get(method),
+            seed=config.seed,
+            device=config.device,
+        ),
+        train_text_encoder=config.train_text_encoder if method in ("lora", "lidb") else None,
         progress=False,
         textual_inversion=TextualInversionConfig(initializer=subject.class_name),
         custom_diffusion=CustomDiffusionConfig(seed=config.seed),

@@ -420,6 +420,15 @@ def cmd_benchmark(args: argparse.Namespace) -> None:
         if not value.isdigit():
             raise HyperboothError(f"--method-steps {spec!r} must be METHOD=N, e.g. lidb=400")
         steps[method] = int(value)
+    rates = {}
+    for spec in args.method_lr:
+        method, _, value = spec.partition("=")
+        try:
+            rates[method] = float(value)
+        except ValueError:
+            raise HyperboothError(
+                f"--method-lr {spec!r} must be METHOD=RATE, e.g. lora=1e-3"
+            ) from None
     config = BenchmarkConfig(
         methods=methods,
         seeds=args.seeds,
@@ -427,6 +436,9 @@ def cmd_benchmark(args: argparse.Namespace) -> None:
         guidance=args.guidance,
         token=args.token,
         steps=steps,
+        learning_rates=rates,
+        adapter=_adapter_config(args, "lora"),
+        train_text_encoder=not args.no_text_encoder,
         hypernet=args.hypernet,
         clip=args.clip,
         dino=args.dino,
@@ -901,6 +913,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="training steps of a method (defaults: hyperdreambooth 40, dreambooth/lora/lidb "
         "400, textual-inversion 1000, custom-diffusion 250)",
     )
+    p.add_argument(
+        "--method-lr",
+        action="append",
+        default=[],
+        metavar="METHOD=RATE",
+        help="learning rate of a method (default: the method's own)",
+    )
+    _adapter_flags(p)
     p.add_argument("--hypernet", default=None, help="hyperdreambooth: train-hypernet's folder")
     p.add_argument("--token", default="sks")
     p.add_argument("--sampling-steps", type=int, default=25)
