@@ -57,7 +57,6 @@ class BenchmarkConfig:
     steps: dict[str, int] = field(default_factory=dict)  # per method; default DEFAULT_STEPS
     learning_rates: dict[str, float] = field(default_factory=dict)  # per method; default its own
     adapter: AdapterConfig | None = None  # lora / lidb: rank, layers (kind is set per method)
-    train_text_encoder: bool = True  # lora / lidb
     hypernet: str | None = None
     clip: str | None = None  # None: no CLIP scores
     dino: str | None = None
@@ -187,7 +186,6 @@ def _fit(base: object, method: str, subject: Subject, config: BenchmarkConfig, o
             seed=config.seed,
             device=config.device,
         ),
-        train_text_encoder=config.train_text_encoder if method in ("lora", "lidb") else None,
         progress=False,
         textual_inversion=TextualInversionConfig(initializer=subject.class_name),
         custom_diffusion=CustomDiffusionConfig(seed=config.seed),

@@ -438,7 +438,6 @@ def cmd_benchmark(args: argparse.Namespace) -> None:
         steps=steps,
         learning_rates=rates,
         adapter=_adapter_config(args, "lora"),
-        train_text_encoder=not args.no_text_encoder,
         hypernet=args.hypernet,
         clip=args.clip,
         dino=args.dino,

@@ -18,13 +18,12 @@ from hyperbooth.adapters.config import COMPONENTS, AdapterConfig
 from hyperbooth.adapters.layers import (
     AdaptedLayer,
     AdapterWeights,
+    can_adapt,
     make_weights,
     shaped_factors,
     wrap_layer,
 )
 from hyperbooth.errors import HyperboothError
-
-ADAPTABLE = (nn.Linear, nn.Conv2d)
 
 
 def components(base: object) -> dict[str, nn.Module]:
@@ -33,13 +32,13 @@ def components(base: object) -> dict[str, nn.Module]:
 
 
 def find_targets(model: nn.Module, patterns: tuple[str, ...]) -> list[str]:
-    """Paths of the nn.Linear / nn.Conv2d layers (wrapped or not) fully matching a pattern."""
+    """Paths of the adaptable layers (wrapped or not, see can_adapt) fully matching a pattern."""
     compiled = [re.compile(p) for p in patterns]
     found = []
     for path, module in model.named_modules():
         if isinstance(module, AdaptedLayer):
             pass
-        elif not isinstance(module, ADAPTABLE) or path.endswith(".base_layer"):
+        elif not can_adapt(module) or path.endswith(".base_layer"):
             continue
         if any(p.fullmatch(path) for p in compiled):
             found.append(path)
@@ -54,7 +53,7 @@ def target_layers(base: object, config: AdapterConfig) -> dict[str, nn.Module]:
             paths = find_targets(model, (pattern,))
             if not paths:
                 raise HyperboothError(
-                    f"layer pattern {pattern!r} matches no nn.Linear or nn.Conv2d in the {component}; "
+                    f"layer pattern {pattern!r} matches no nn.Linear or (ungrouped) nn.Conv2d in the {component}; "
                     f"check it against the module names (e.g. 'down_blocks.0.attentions.0."
                     f"transformer_blocks.0.attn1.to_q' or 'encoder.layers.0.self_attn.q_proj')"
                 )

@@ -291,8 +291,6 @@ class AdaptedConv2d(AdaptedLayer):
         down, up = weights.factors()
         kernel = conv.weight.shape[1:]
         options = {"stride": conv.stride, "padding": conv.padding, "dilation": conv.dilation}
-        if conv.padding_mode != "zeros":
-            raise ValueError(f"padding mode {conv.padding_mode!r} is not supported by adapters")
         if down.dim() == 2:
             hidden = F.conv2d(x, down.reshape(down.shape[0], *kernel), **options)
             return F.conv2d(hidden, up[:, :, None, None])
@@ -308,9 +306,13 @@ class AdaptedConv2d(AdaptedLayer):
         return out.reshape(batch, -1, height, width)
 
 
-def wrap_layer(layer: nn.Module) -> AdaptedLayer:
-    """The adapted wrapper of an nn.Linear or nn.Conv2d."""
+def can_adapt(layer: nn.Module) -> bool:
+    """Whether a layer can carry adapters: an nn.Linear, or an ungrouped zero-padded nn.Conv2d."""
     if isinstance(layer, nn.Conv2d):
-        layer_dims(layer)  # rejects grouped convolutions
-        return AdaptedConv2d(layer)
-    return AdaptedLinear(layer)
+        return layer.groups == 1 and layer.padding_mode == "zeros"
+    return isinstance(layer, nn.Linear)
+
+
+def wrap_layer(layer: nn.Module) -> AdaptedLayer:
+    """The adapted wrapper of a layer that can_adapt accepts."""
+    return AdaptedConv2d(layer) if isinstance(layer, nn.Conv2d) else AdaptedLinear(layer)
