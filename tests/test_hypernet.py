@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -109,3 +111,73 @@ def test_train_hypernet_runs_and_resumes_exactly(tmp_path):
     split = load_file(str(tmp_path / "split" / "hypernet" / "hypernet.safetensors"))
     assert full.keys() == split.keys()
     assert all(torch.equal(full[k], split[k]) for k in full)
+    # The loss terms survive the resume: the split run logs the same 4 steps as the full one.
+    terms = [
+        json.loads((tmp_path / run / "loss_terms.json").read_text()) for run in ("full", "split")
+    ]
+    assert len(terms[0]) == 4 and terms[0] == terms[1]
+
+
+@pytest.mark.parametrize("convs", [False, True], ids=["attention", "resnet-convs"])
+def test_the_diffusion_loss_reaches_every_head_of_the_hypernetwork(tiny_base, convs):
+    from dataclasses import replace
+
+    from hyperbooth.adapters.config import RESNET_CONV_TARGETS
+    from hyperbooth.hypernet.train import HyperNetTraining, IdentitySet
+    from hyperbooth.training import StepBatch
+
+    adapter = SMALL
+    if convs:  # mini's layer set: the ResNet convolutions, UNet only
+        adapter = replace(SMALL, unet_targets=RESNET_CONV_TARGETS, text_encoder_targets=())
+    torch.manual_seed(0)
+    layers = {k: tuple(m.weight.shape) for k, m in target_layers(tiny_base, adapter).items()}
+    assert all(len(shape) == (4 if convs else 2) for shape in layers.values())
+    hypernet = HyperNetwork(HyperNetConfig(adapter=adapter, **TINY_HYPER), layers)
+    with torch.no_grad():
+        targets = {
+            k: torch.zeros(3, *v.shape[1:]) for k, v in hypernet(torch.zeros(3, 3, 32, 32)).items()
+        }
+    channels, side = 4, tiny_base.resolution // 8
+    data = IdentitySet(
+        names=["a", "b", "c"],
+        pixels=torch.rand(3, 3, 32, 32) * 2 - 1,
+        latent_mean=torch.randn(3, channels, side, side),
+        latent_std=torch.full((3, channels, side, side), 0.1),
+        targets=targets,
+    )
+    training = HyperNetTraining(tiny_base, hypernet, data, HyperLossConfig(beta=0.0), 2)
+    try:
+        loss = training.loss(StepBatch(torch.Generator().manual_seed(0), 2))
+        loss.backward()
+    finally:
+        training.adapter.remove()
+    grad = hypernet.head_weight.grad
+    assert grad is not None and bool((grad.flatten(1).abs().sum(1) > 0).all())  # every layer
+    assert training.log[-1]["diffusion"] > 0
+
+
+def test_the_mini_hypernet_recipe_runs_every_stage_exports_float16_and_resumes(tmp_path):
+    from hyperbooth.miniworld.train_hypernet import main as reproduce
+
+    recipe = {
+        "identities": 3, "identities_per_step": 2, "precompute_steps": 2, "steps": 2,
+        "batch_size": 2, "encoder_width": 16, "encoder_layers": 1, "width": 32,
+        "checkpoint_every": 1, "adapter": {"kind": "lidb", "rank": 2, "lidb_a": 8, "lidb_b": 4,
+        "unet_targets": [r".*resnets\.\d+\.conv[12]"], "text_encoder_targets": []},
+    }  # fmt: skip
+    (tmp_path / "recipe.json").write_text(json.dumps(recipe))
+    argv = ["--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"), "--base",
+            "tiny-random", "--config", str(tmp_path / "recipe.json")]  # fmt: skip
+    reproduce(argv)
+    assert len(list((tmp_path / "work" / "pre").glob("*.safetensors"))) == 3
+    stored = load_file(str(tmp_path / "out" / "hypernet.safetensors"))
+    assert all(t.dtype == torch.float16 for t in stored.values())
+    assert (tmp_path / "out" / "loss.png").is_file()
+    hypernet = load_hypernet(tmp_path / "out")
+    assert hypernet.config.adapter.rank == 2 and hypernet.head_weight.dtype == torch.float32
+    info = json.loads((tmp_path / "out" / "hypernet.json").read_text())["info"]
+    assert info["identities"] == 3 and set(info["seconds"]) == {"identities", "precompute", "train"}
+    first = (tmp_path / "out" / "hypernet.safetensors").read_bytes()
+    reproduce(argv)  # everything is done: the rerun resumes at the end and exports the same
+    assert (tmp_path / "out" / "hypernet.safetensors").read_bytes() == first
+    assert len(json.loads((tmp_path / "work" / "train" / "loss_terms.json").read_text())) == 2

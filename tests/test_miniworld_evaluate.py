@@ -132,3 +132,40 @@ def test_identity_images_are_distinct_training_identities_and_top_up(tmp_path):
     assert not any(held_out(Identity.from_index(int(n[2:]))) for n in names)
     identity_images(tmp_path, 5)  # a rerun with more keeps the first three
     assert set(names) <= {p.stem for p in tmp_path.iterdir()} and len(list(tmp_path.iterdir())) == 5
+
+
+def test_hyperdreambooth_and_its_ablations_are_measured_like_the_other_methods(toy_world, tmp_path):
+    import torch
+
+    from hyperbooth.adapters.config import RESNET_CONV_TARGETS, AdapterConfig
+    from hyperbooth.adapters.inject import target_layers
+    from hyperbooth.hypernet.model import HyperNetConfig, HyperNetwork, save_hypernet
+
+    base, judge = toy_world
+    adapter = AdapterConfig(
+        kind="lidb", lidb_a=8, lidb_b=4, unet_targets=RESNET_CONV_TARGETS, text_encoder_targets=()
+    )
+    layers = {k: tuple(m.weight.shape) for k, m in target_layers(base, adapter).items()}
+    torch.manual_seed(0)
+    sizes = {"encoder_width": 16, "encoder_layers": 1, "width": 16, "heads": 2}
+    config = HyperNetConfig(adapter=adapter, image_size=base.resolution, **sizes)
+    save_hypernet(HyperNetwork(config, layers), tmp_path / "hypernet")
+    common = {"identities": 1, "steps": 2, "images_per_prompt": 1, "sampling_steps": 2}
+    bytes_by_variant = {}
+    for variant, flags in {
+        "full": {},
+        "hypernet-only": {"fine_tune": False},
+        "no-hypernet": {"use_hypernet": False},
+    }.items():
+        config = PersonalisationConfig(
+            method="hyperdreambooth", hypernet=str(tmp_path / "hypernet"), rank=2, **common, **flags
+        )
+        row = personalisation(base, judge, config, progress=False)["identities"][0]
+        stages = set(row["stage_seconds"])
+        assert ("predict" in stages) == (variant != "no-hypernet")
+        assert ("fine_tune" in stages) == (variant != "hypernet-only")
+        assert 0 <= row["personalised"]["identity"] <= 1
+        bytes_by_variant[variant] = row["stored_bytes"]
+    assert bytes_by_variant["full"] > max(
+        bytes_by_variant["hypernet-only"], bytes_by_variant["no-hypernet"]
+    )

@@ -165,6 +165,7 @@ def _fit(base: object, method: str, subject: Subject, config: BenchmarkConfig, o
             out / "subject.safetensors",
             PersonalizeConfig(
                 steps=steps,
+                learning_rate=config.learning_rates.get(method, PersonalizeConfig.learning_rate),
                 token=config.token,
                 class_name=subject.class_name,
                 seed=config.seed,

@@ -521,14 +521,10 @@ def cmd_train_hypernet(args: argparse.Namespace) -> None:
 
     Data parallel under `accelerate launch`; --checkpoint-every and --resume as for `train`.
     """
-    import torch
-
-    from hyperbooth.adapters.files import read_adapter
-    from hyperbooth.adapters.inject import target_layers
     from hyperbooth.bases import load_base
-    from hyperbooth.hypernet.model import HyperNetConfig, HyperNetwork
-    from hyperbooth.hypernet.train import HyperLossConfig, HyperNetTraining, load_identity_set
-    from hyperbooth.training import TrainConfig, make_accelerator, train
+    from hyperbooth.hypernet.model import HyperNetConfig
+    from hyperbooth.hypernet.train import HyperLossConfig, train_hypernet
+    from hyperbooth.training import TrainConfig, make_accelerator
 
     train_config = TrainConfig(
         steps=args.steps,
@@ -541,12 +537,7 @@ def cmd_train_hypernet(args: argparse.Namespace) -> None:
     )
     accelerator = make_accelerator(train_config)
     base = load_base(args.base, dtype=_dtype(args.base_dtype or "float32"))
-    base.to(accelerator.device)
-    data = load_identity_set(base, args.images, args.precomputed)
-    first = sorted(Path(args.precomputed).glob("*.safetensors"))[0]
-    adapter = read_adapter(first).config
     config = HyperNetConfig(
-        adapter=adapter,
         encoder=args.encoder,
         train_encoder=args.train_encoder,
         image_size=args.image_size or base.resolution,
@@ -554,17 +545,14 @@ def cmd_train_hypernet(args: argparse.Namespace) -> None:
         decoder_layers=args.decoder_layers,
         iterations=args.iterations,
     )
-    layers = {key: tuple(layer.weight.shape) for key, layer in target_layers(base, adapter).items()}
-    torch.manual_seed(args.seed)  # the hypernetwork's initial weights
-    hypernet = HyperNetwork(config, layers).to(accelerator.device)
     loss = HyperLossConfig(alpha=args.alpha, beta=args.beta, prompt=args.prompt)
-    method = HyperNetTraining(base, hypernet, data, loss, args.batch_size)
-    run_info = {"hypernet": json.loads(config.to_json()), "loss": vars(loss).copy()}
-    result = train(method, train_config, args.out, accelerator, args.resume, run_info)
+    result, identities = train_hypernet(
+        base, args.images, args.precomputed, args.out, config, loss, train_config, accelerator,
+        args.resume,
+    )  # fmt: skip
     if accelerator.is_main_process:
         print(
-            f"trained on {len(data.names)} identities in {result.seconds:.1f} s; "
-            f"wrote {result.output}"
+            f"trained on {identities} identities in {result.seconds:.1f} s; wrote {result.output}"
         )
 
 

@@ -24,12 +24,13 @@ from hyperbooth.adapters.inject import add_adapter
 from hyperbooth.atomic import write_text
 from hyperbooth.diffusion import diffusion_loss, sample_latents
 from hyperbooth.errors import HyperboothError
-from hyperbooth.hypernet.model import HyperNetwork, save_hypernet
+from hyperbooth.hypernet.model import HyperNetConfig, HyperNetwork, save_hypernet
 from hyperbooth.images import load_image, to_tensor
 from hyperbooth.methods.common import encode_images, token_ids
-from hyperbooth.training import StepBatch
+from hyperbooth.training import StepBatch, TrainConfig, TrainResult, train
 
 HYPERNET_DIR = "hypernet"
+LOSS_TERMS_LOG = "loss_terms.jsonl"  # one line per micro-step, kept across resumes
 _NAME = "hypernet"  # the per-sample adapter's name inside the base
 
 
@@ -116,9 +117,12 @@ class HyperNetTraining:
         data: IdentitySet,
         loss: HyperLossConfig,
         batch_size: int,
+        log_file: Path | None = None,
     ):
+        """log_file: where each step's loss terms are appended as they happen (JSON lines)."""
         self.base, self.hypernet, self.data, self.config = base, hypernet, data, loss
         self.batch_size = batch_size
+        self.log_file = log_file
         missing = set(data.targets) ^ {
             f"{key}.{part}" for key in hypernet.keys for part in ("lidb_a_train", "lidb_b_train")
         }
@@ -173,7 +177,11 @@ class HyperNetTraining:
             unet = _WithParameters(self.base.unet, self._replacements(predicted, "unet"))
             diffusion = diffusion_loss(unet, self.base.scheduler, latents, hidden, g)
             total = total + self.config.alpha * diffusion
-        self.log.append({"diffusion": diffusion.item(), "weights": weight_loss.item()})
+        terms = {"diffusion": diffusion.item(), "weights": weight_loss.item()}
+        self.log.append(terms)
+        if self.log_file is not None:
+            with open(self.log_file, "a") as f:
+                f.write(json.dumps(terms) + "\n")
         return total
 
     def save(self, out_dir: Path) -> Path:
@@ -183,3 +191,59 @@ class HyperNetTraining:
         save_hypernet(self.hypernet, folder, info)
         write_text(Path(out_dir) / "loss_terms.json", json.dumps(self.log))
         return folder
+
+
+def _logged_terms(out: Path, log_file: Path, resume: bool, per_step: int) -> list[dict]:
+    """The loss terms up to the checkpoint a resumed run starts from (rewrites log_file)."""
+    from hyperbooth.training import CHECKPOINT_DIR
+
+    kept: list[str] = []
+    state = out / CHECKPOINT_DIR / "state.json"
+    if resume and log_file.is_file() and state.is_file():
+        step = json.loads(state.read_text())["step"]
+        kept = log_file.read_text().splitlines()[: step * per_step]
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(log_file, "".join(line + "\n" for line in kept))
+    return [json.loads(line) for line in kept]
+
+
+def train_hypernet(
+    base: object,
+    images: str | Path,
+    precomputed: str | Path,
+    out: str | Path,
+    config: HyperNetConfig,
+    loss: HyperLossConfig,
+    train_config: TrainConfig,
+    accelerator: object,
+    resume: bool = False,
+    progress: bool = True,
+) -> tuple[TrainResult, int]:
+    """Train a hypernetwork on precomputed identities; (the loop's result, identities used).
+
+    config.adapter is replaced by the precomputed files' own adapter config, so the
+    hypernetwork always predicts exactly the layers and sizes it was taught.
+    """
+    from dataclasses import replace
+
+    from hyperbooth.adapters.inject import target_layers
+
+    base.to(accelerator.device)
+    data = load_identity_set(base, images, precomputed)
+    manifest = json.loads((Path(precomputed) / "manifest.json").read_text())
+    first = next(iter(sorted(manifest["identities"].values(), key=lambda e: e["file"])))
+    adapter = read_adapter(Path(precomputed) / first["file"]).config
+    config = replace(config, adapter=adapter)
+    layers = {key: tuple(layer.weight.shape) for key, layer in target_layers(base, adapter).items()}
+    torch.manual_seed(train_config.seed)  # the hypernetwork's initial weights
+    hypernet = HyperNetwork(config, layers).to(accelerator.device)
+    log_file = Path(out) / LOSS_TERMS_LOG if accelerator.is_main_process else None
+    method = HyperNetTraining(base, hypernet, data, loss, train_config.batch_size, log_file)
+    if log_file is not None:
+        method.log = _logged_terms(Path(out), log_file, resume, train_config.gradient_accumulation)
+    run_info = {"hypernet": json.loads(config.to_json()), "loss": asdict(loss)}
+    try:
+        result = train(method, train_config, out, accelerator, resume, run_info, progress)
+    finally:
+        method.adapter.remove()
+    return result, len(data.names)

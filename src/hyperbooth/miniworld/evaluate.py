@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from hyperbooth.adapters.config import AdapterConfig
 from hyperbooth.atomic import stored_bytes, write_text
 from hyperbooth.bases import load_base
+from hyperbooth.errors import HyperboothError
 from hyperbooth.generate import generate_images
 from hyperbooth.methods import NEW_WORD_METHODS
 from hyperbooth.miniworld.captions import caption, pair_caption, sample_training_example
@@ -264,7 +265,8 @@ def conditioning_gain(
 class PersonalisationConfig:
     """What `personalisation` fits and how it samples."""
 
-    method: str = "lidb"  # lidb, lora, dreambooth, textual-inversion, custom-diffusion
+    method: str = "lidb"  # lidb, lora, dreambooth, textual-inversion, custom-diffusion,
+    # hyperdreambooth
     identities: int = 20
     steps: int = 400
     learning_rate: float | None = None  # None: the method's default
@@ -277,6 +279,12 @@ class PersonalisationConfig:
     train_text_encoder: bool | None = None  # None: the method's default
     # Prior preservation on captioned training renders (always on for custom-diffusion).
     regularise: bool = False
+    # hyperdreambooth: the hypernetwork folder and METHOD 3.4's ablations (steps, rank and
+    # learning_rate above are the fast fine-tune's).
+    hypernet: str | None = None
+    use_hypernet: bool = True  # False: fine-tune from the bare base
+    fine_tune: bool = True  # False: the hypernetwork's prediction alone
+    iterations: int | None = None  # K; None: the hypernetwork's own
 
     @property
     def token(self) -> str:
@@ -316,10 +324,35 @@ def score_images(
     }
 
 
+def _fast_path(config: PersonalisationConfig) -> tuple[object, object]:
+    """The hypernetwork (None for --no-hypernet) and HyperDreamBooth's personalize settings."""
+    from hyperbooth.hypernet.model import load_hypernet
+    from hyperbooth.hypernet.personalize import PersonalizeConfig
+
+    hypernet = None
+    if config.use_hypernet:
+        if not config.hypernet:
+            raise HyperboothError("hyperdreambooth needs --hypernet FOLDER (or --no-hypernet)")
+        hypernet = load_hypernet(config.hypernet)
+    fast = PersonalizeConfig(
+        use_hypernet=config.use_hypernet,
+        fine_tune=config.fine_tune,
+        iterations=config.iterations,
+        rank=config.rank,
+        steps=config.steps,
+        learning_rate=config.learning_rate or PersonalizeConfig.learning_rate,
+        token=config.token,
+        seed=config.seed,
+        device="cpu",
+    )
+    return hypernet, fast
+
+
 def personalisation(
     base: object, judge: Judge, config: PersonalisationConfig, progress: bool = True
 ) -> dict:
     """Fit each held-out identity from one reference render; score it and the bare base."""
+    from hyperbooth.hypernet.personalize import personalize
     from hyperbooth.methods import (
         CustomDiffusionConfig,
         SubjectConfig,
@@ -347,7 +380,9 @@ def personalisation(
                 Path(shared.name) / "regularisation", config.regularisation_images, config.seed
             )
         )
-    adapter = None
+    adapter = hypernet = fast = None
+    if config.method == "hyperdreambooth":
+        hypernet, fast = _fast_path(config)
     if config.method in ("lidb", "lora"):
         targets = {} if config.unet_targets is None else {"unet_targets": config.unet_targets}
         adapter = AdapterConfig(kind=config.method, rank=config.rank, **targets)
@@ -356,33 +391,43 @@ def personalisation(
     ):
         reference = render(identity, REFERENCE_CONTEXT, config.seed + index)
         subject = copy.deepcopy(base)
+        stages = None
         with tempfile.TemporaryDirectory() as out:
-            result = personalise(
-                subject,
-                [reference],
-                out,
-                config.method,
-                SubjectConfig(
-                    token=config.token, class_name="face", regularisation_dir=regularisation
-                ),
-                adapter,
-                TrainConfig(
-                    steps=config.steps,
-                    learning_rate=config.learning_rate,
-                    seed=config.seed,
-                    device="cpu",
-                ),
-                progress=False,
-                train_text_encoder=config.train_text_encoder,
-                textual_inversion=TextualInversionConfig(initializer="face"),
-                custom_diffusion=CustomDiffusionConfig(seed=config.seed),
-            )
-            stored = stored_bytes(result.output)
+            if config.method == "hyperdreambooth":
+                fitted = personalize(
+                    subject, hypernet, reference, Path(out) / "subject.safetensors",
+                    fast, progress=False,
+                )  # fmt: skip
+                stages, stored = fitted.seconds, fitted.bytes
+                fit_seconds = sum(v for k, v in stages.items() if k != "save")
+            else:
+                result = personalise(
+                    subject,
+                    [reference],
+                    out,
+                    config.method,
+                    SubjectConfig(
+                        token=config.token, class_name="face", regularisation_dir=regularisation
+                    ),
+                    adapter,
+                    TrainConfig(
+                        steps=config.steps,
+                        learning_rate=config.learning_rate,
+                        seed=config.seed,
+                        device="cpu",
+                    ),
+                    progress=False,
+                    train_text_encoder=config.train_text_encoder,
+                    textual_inversion=TextualInversionConfig(initializer="face"),
+                    custom_diffusion=CustomDiffusionConfig(seed=config.seed),
+                )
+                stored, fit_seconds = stored_bytes(result.output), result.seconds
         started = time.perf_counter()
         images = generate_images(subject, prompts, **generate)
         row = {
             "identity": identity.index,
-            "fit_seconds": result.seconds,
+            "fit_seconds": fit_seconds,
+            **({"stage_seconds": stages} if stages else {}),
             "generate_seconds": time.perf_counter() - started,
             "stored_bytes": stored,
             "personalised": score_images(judge, identity, images),
@@ -596,7 +641,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--method",
         default="lidb",
-        help="personalisation: lidb, lora, dreambooth, textual-inversion, custom-diffusion",
+        help="personalisation: lidb, lora, dreambooth, textual-inversion, custom-diffusion, "
+        "hyperdreambooth",
     )
     parser.add_argument("--identities", type=int, default=20)
     parser.add_argument("--pairs", type=int, default=8, help="two-concepts: identity pairs")
@@ -620,6 +666,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         action="store_true",
         help="personalisation: prior preservation on captioned training renders",
     )
+    hyper = parser.add_argument_group("personalisation --method hyperdreambooth")
+    hyper.add_argument("--hypernet", default=None, help="train-hypernet's hypernet/ folder")
+    hyper.add_argument("--no-hypernet", action="store_true", help="fine-tune from the bare base")
+    hyper.add_argument("--hypernet-only", action="store_true", help="no fast fine-tune")
+    hyper.add_argument("--iterations", type=int, default=None, help="K refinement steps")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--guidance", type=float, default=7.5, help="obedience: CFG scale")
     parser.add_argument("--threads", type=int, default=2)
@@ -659,6 +710,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             unet_targets=None if args.unet_targets is None else tuple(args.unet_targets),
             train_text_encoder=False if args.no_text_encoder else None,
             regularise=args.regularise,
+            hypernet=args.hypernet,
+            use_hypernet=not args.no_hypernet,
+            fine_tune=not args.hypernet_only,
+            iterations=args.iterations,
         )
         report = personalisation(base, judge, config)
     report["command"] = "python -m hyperbooth.miniworld.evaluate " + " ".join(

@@ -1,0 +1,186 @@
+"""Reproduce the hypernetwork that ships with `mini`: identities -> precompute -> train -> export.
+
+    python -m hyperbooth.miniworld.train_hypernet --work runs/hdb \\
+        --out src/hyperbooth/miniworld/weights/mini-hypernet
+    # the same, sharded over 2 processes (what the shipped one used):
+    OMP_NUM_THREADS=1 accelerate launch --multi_gpu --num_processes 2 \\
+        -m hyperbooth.miniworld.train_hypernet --work runs/hdb --out ...
+
+Every stage resumes from --work: rendered identities are kept, finished LiDBs are skipped and
+training continues from its last checkpoint, so rerunning the same command after a kill
+finishes the job. The exported folder holds the hypernetwork in float16 (load_hypernet casts it
+back), a loss-curve PNG and the seconds of each stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from hyperbooth.adapters.config import RESNET_CONV_TARGETS, AdapterConfig
+from hyperbooth.atomic import write_text
+from hyperbooth.bases import load_base
+from hyperbooth.hypernet.model import HyperNetConfig, load_hypernet, save_hypernet
+from hyperbooth.hypernet.precompute import PrecomputeConfig, precompute
+from hyperbooth.hypernet.train import HYPERNET_DIR, HyperLossConfig, train_hypernet
+from hyperbooth.miniworld.evaluate import identity_images
+from hyperbooth.training import TrainConfig, make_accelerator
+
+HYPERNET_FOLDER = Path(__file__).parent / "weights" / "mini-hypernet"
+
+
+def mini_lidb() -> AdapterConfig:
+    """The LiDB the hypernetwork predicts on `mini`: rank 4 on the ResNet convs, UNet only.
+
+    On `mini` a face lives in the ResNet convolutions (docs/HYPERDREAMBOOTH.md, "Which layers").
+    """
+    return AdapterConfig(
+        kind="lidb", rank=4, unet_targets=RESNET_CONV_TARGETS, text_encoder_targets=()
+    )
+
+
+@dataclass
+class HypernetRecipe:
+    """Every setting of the shipped hypernetwork's reproduction; --config JSON overrides fields."""
+
+    identities: int = 1024
+    seed: int = 0
+    # pre-optimisation (METHOD 3.2)
+    adapter: AdapterConfig = field(default_factory=mini_lidb)
+    identities_per_step: int = 16
+    precompute_steps: int = 100
+    precompute_lr: float = 3e-2
+    # the hypernetwork (a scratch ViT encoder)
+    encoder_width: int = 192
+    encoder_layers: int = 4
+    width: int = 256
+    decoder_layers: int = 2
+    iterations: int = 4
+    alpha: float = 1.0
+    beta: float = 1.0
+    steps: int = 3000
+    batch_size: int = 8  # per process
+    lr: float = 1e-4
+    checkpoint_every: int = 250
+
+    def __post_init__(self) -> None:
+        if isinstance(self.adapter, dict):
+            self.adapter = AdapterConfig.from_json(self.adapter)
+
+
+def plot_loss_terms(terms: list[dict[str, float]], path: Path, window: int = 50) -> None:
+    """Both loss terms against step (running means), as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import numpy as np
+    from matplotlib import pyplot
+
+    figure, axes = pyplot.subplots(1, 2, figsize=(9, 3.2))
+    for axis, name in zip(axes, ("diffusion", "weights"), strict=True):
+        values = np.array([t[name] for t in terms])
+        kernel = np.ones(min(window, len(values))) / min(window, len(values))
+        axis.plot(np.convolve(values, kernel, mode="valid"))
+        axis.set_title(f"{name} loss (running mean of {len(kernel)})")
+        axis.set_xlabel("step")
+        axis.set_yscale("log")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=90)
+    pyplot.close(figure)
+
+
+def export(trained: Path, out: Path, info: dict) -> None:
+    """The trained hypernetwork as float16 safetensors + JSON in `out`."""
+    hypernet = load_hypernet(trained).half()
+    save_hypernet(hypernet, out, info)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run every stage (each resumes from --work) and export the hypernetwork to --out."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--work", required=True, help="folder for images, LiDBs, checkpoints")
+    parser.add_argument("--out", default=str(HYPERNET_FOLDER), help="folder to export to")
+    parser.add_argument("--base", default="mini")
+    parser.add_argument("--config", default=None, help="JSON file overriding HypernetRecipe")
+    args = parser.parse_args(argv)
+    overrides = json.loads(Path(args.config).read_text()) if args.config else {}
+    recipe = HypernetRecipe(**overrides)
+    work, out = Path(args.work), Path(args.out)
+    train_config = TrainConfig(
+        steps=recipe.steps,
+        learning_rate=recipe.lr,
+        batch_size=recipe.batch_size,
+        seed=recipe.seed,
+        checkpoint_every=recipe.checkpoint_every,
+        device="auto",
+    )
+    accelerator = make_accelerator(train_config)
+    times: dict[str, float] = {}
+
+    started = time.perf_counter()
+    if accelerator.is_main_process:
+        work.mkdir(parents=True, exist_ok=True)
+        identity_images(work / "images", recipe.identities, recipe.seed)
+        recipe_json = asdict(recipe) | {"adapter": json.loads(recipe.adapter.to_json())}
+        write_text(work / "recipe.json", json.dumps(recipe_json, indent=2))
+    accelerator.wait_for_everyone()
+    times["identities"] = time.perf_counter() - started
+
+    base = load_base(args.base)
+    started = time.perf_counter()
+    precompute(
+        base,
+        work / "images",
+        work / "pre",
+        PrecomputeConfig(
+            adapter=recipe.adapter,
+            identities_per_step=recipe.identities_per_step,
+            steps=recipe.precompute_steps,
+            learning_rate=recipe.precompute_lr,
+            seed=recipe.seed,
+        ),
+        accelerator,
+    )
+    times["precompute"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    config = HyperNetConfig(
+        adapter=recipe.adapter,
+        image_size=base.resolution,
+        encoder_width=recipe.encoder_width,
+        encoder_layers=recipe.encoder_layers,
+        width=recipe.width,
+        decoder_layers=recipe.decoder_layers,
+        iterations=recipe.iterations,
+    )
+    loss = HyperLossConfig(alpha=recipe.alpha, beta=recipe.beta)
+    resume = (work / "train" / "checkpoint").is_dir()
+    result, identities = train_hypernet(
+        base, work / "images", work / "pre", work / "train", config, loss, train_config,
+        accelerator, resume,
+    )  # fmt: skip
+    times["train"] = time.perf_counter() - started
+
+    if accelerator.is_main_process:
+        terms = json.loads((work / "train" / "loss_terms.json").read_text())
+        plot_loss_terms(terms, out / "loss.png")
+        info = {
+            "identities": identities,
+            "processes": accelerator.num_processes,
+            "seconds": times,
+            "recipe": json.loads((work / "recipe.json").read_text()),
+            "final_loss_terms": terms[-1] if terms else None,
+        }
+        export(work / "train" / HYPERNET_DIR, out, info)
+        print(json.dumps({"out": str(out), "identities": identities, "seconds": times}))
+    accelerator.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    main()
