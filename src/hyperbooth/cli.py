@@ -580,6 +580,8 @@ def cmd_personalize(args: argparse.Namespace) -> None:
         seed=args.seed,
         mixed_precision=args.mixed_precision,
         device=args.device,
+        unet_targets=args.unet_targets,
+        text_encoder_targets=() if args.no_text_encoder else None,
     )
     started = time.perf_counter()
     device = make_accelerator(TrainConfig(device=args.device)).device
@@ -1004,6 +1006,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, default=None, help="K (default: the hypernet's)")
     p.add_argument("--rank", type=int, default=4, help="rank of the relaxed LoRA")
     p.add_argument("--steps", type=int, default=40, help="fast fine-tune steps")
+    p.add_argument(
+        "--unet-targets",
+        nargs="+",
+        default=None,
+        metavar="REGEX",
+        help="the relaxed LoRA's UNet layers (default: the hypernetwork's; with --no-hypernet, "
+        "METHOD 3.1's attention layers)",
+    )
+    p.add_argument(
+        "--no-text-encoder", action="store_true", help="the relaxed LoRA adapts the UNet only"
+    )
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--token", default="sks")
     p.add_argument("--class", dest="class_name", default="face")

@@ -42,6 +42,9 @@ class PersonalizeConfig:
     seed: int = 0
     mixed_precision: str = "no"
     device: str = "auto"
+    # The relaxed LoRA's layers; None: the hypernetwork's (without one, METHOD 3.1's defaults).
+    unet_targets: tuple[str, ...] | None = None
+    text_encoder_targets: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if not (self.use_hypernet or self.fine_tune):
@@ -117,6 +120,10 @@ def personalize(
             rank=config.rank,
             alpha=None,
         )
+        if config.unet_targets is not None:
+            lora = replace(lora, unet_targets=tuple(config.unet_targets))
+        if config.text_encoder_targets is not None:
+            lora = replace(lora, text_encoder_targets=tuple(config.text_encoder_targets))
         method = make_method("lora", base, subject, data, lora)
         result = train(method, train_config, out.parent, accelerator, progress=progress, save=False)
         seconds["fine_tune"] = result.seconds

@@ -344,6 +344,8 @@ def _fast_path(config: PersonalisationConfig) -> tuple[object, object]:
         token=config.token,
         seed=config.seed,
         device="cpu",
+        unet_targets=config.unet_targets,
+        text_encoder_targets=() if config.train_text_encoder is False else None,
     )
     return hypernet, fast
 
