@@ -61,9 +61,9 @@ class HypernetRecipe:
     iterations: int = 4
     alpha: float = 1.0
     beta: float = 1.0
-    steps: int = 3000
+    steps: int = 2000
     batch_size: int = 8  # per process
-    lr: float = 1e-4
+    lr: float = 2e-4
     checkpoint_every: int = 250
 
     def __post_init__(self) -> None:
