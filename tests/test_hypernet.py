@@ -181,3 +181,21 @@ def test_the_mini_hypernet_recipe_runs_every_stage_exports_float16_and_resumes(t
     reproduce(argv)  # everything is done: the rerun resumes at the end and exports the same
     assert (tmp_path / "out" / "hypernet.safetensors").read_bytes() == first
     assert len(json.loads((tmp_path / "work" / "train" / "loss_terms.json").read_text())) == 2
+
+
+def test_the_shipped_mini_hypernet_fits_mini_and_is_small():
+    from hyperbooth.bases import load_base
+    from hyperbooth.hypernet.model import BUILT_IN
+
+    folder = BUILT_IN["mini"]
+    assert sum(f.stat().st_size for f in folder.iterdir()) <= 20 * 2**20
+    hypernet = load_hypernet("mini")
+    info = json.loads((folder / "hypernet.json").read_text())["info"]
+    assert info["identities"] >= 1000
+    base = load_base("mini")
+    layers = target_layers(base, hypernet.config.adapter)
+    assert list(layers) == hypernet.keys
+    with torch.no_grad():
+        predicted = hypernet(torch.zeros(1, 3, base.resolution, base.resolution))
+    adapter = add_adapter(base, hypernet.config.adapter)
+    adapter.load_state_dict({k: v[0] for k, v in predicted.items()})  # same keys and shapes

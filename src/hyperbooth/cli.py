@@ -910,7 +910,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="learning rate of a method (default: the method's own)",
     )
     _adapter_flags(p)
-    p.add_argument("--hypernet", default=None, help="hyperdreambooth: train-hypernet's folder")
+    p.add_argument(
+        "--hypernet",
+        default=None,
+        help="hyperdreambooth: train-hypernet's hypernet/ folder, or mini (built in)",
+    )
     p.add_argument("--token", default="sks")
     p.add_argument("--sampling-steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=7.5)
@@ -996,7 +1000,11 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _base_flags(p)
-    p.add_argument("--hypernet", default=None, help="folder written by train-hypernet (hypernet/)")
+    p.add_argument(
+        "--hypernet",
+        default=None,
+        help="train-hypernet's hypernet/ folder, or mini (built in, for --base mini)",
+    )
     p.add_argument("--image", required=True, help="one photo of the subject")
     p.add_argument("--out", required=True, help="adapter file to write (.safetensors)")
     p.add_argument("--no-hypernet", action="store_true", help="ablation: fine-tune from zero")

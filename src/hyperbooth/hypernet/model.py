@@ -201,11 +201,14 @@ def save_hypernet(model: HyperNetwork, folder: str | Path, info: dict | None = N
     write_text(folder / "hypernet.json", json.dumps(meta, indent=2))
 
 
+BUILT_IN = {"mini": Path(__file__).parents[1] / "miniworld" / "weights" / "mini-hypernet"}
+
+
 def load_hypernet(folder: str | Path) -> HyperNetwork:
-    """Read a hypernetwork written by save_hypernet (safetensors + JSON only)."""
+    """Read a hypernetwork written by save_hypernet (safetensors + JSON only); "mini" is built in."""
     from safetensors.torch import load_file
 
-    folder = Path(folder)
+    folder = BUILT_IN.get(str(folder), Path(folder))
     if not (folder / "hypernet.json").is_file() or not (folder / "hypernet.safetensors").is_file():
         raise HyperboothError(
             f"no hypernetwork in {folder} (need hypernet.json and hypernet.safetensors); "

@@ -669,7 +669,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="personalisation: prior preservation on captioned training renders",
     )
     hyper = parser.add_argument_group("personalisation --method hyperdreambooth")
-    hyper.add_argument("--hypernet", default=None, help="train-hypernet's hypernet/ folder")
+    hyper.add_argument(
+        "--hypernet", default=None, help="train-hypernet's hypernet/ folder, or mini (built in)"
+    )
     hyper.add_argument("--no-hypernet", action="store_true", help="fine-tune from the bare base")
     hyper.add_argument("--hypernet-only", action="store_true", help="no fast fine-tune")
     hyper.add_argument("--iterations", type=int, default=None, help="K refinement steps")

@@ -23,13 +23,13 @@ from pathlib import Path
 from hyperbooth.adapters.config import RESNET_CONV_TARGETS, AdapterConfig
 from hyperbooth.atomic import write_text
 from hyperbooth.bases import load_base
-from hyperbooth.hypernet.model import HyperNetConfig, load_hypernet, save_hypernet
+from hyperbooth.hypernet.model import BUILT_IN, HyperNetConfig, load_hypernet, save_hypernet
 from hyperbooth.hypernet.precompute import PrecomputeConfig, precompute
 from hyperbooth.hypernet.train import HYPERNET_DIR, HyperLossConfig, train_hypernet
 from hyperbooth.miniworld.evaluate import identity_images
 from hyperbooth.training import TrainConfig, make_accelerator
 
-HYPERNET_FOLDER = Path(__file__).parent / "weights" / "mini-hypernet"
+HYPERNET_FOLDER = BUILT_IN["mini"]
 
 
 def mini_lidb() -> AdapterConfig:
@@ -61,7 +61,7 @@ class HypernetRecipe:
     iterations: int = 4
     alpha: float = 1.0
     beta: float = 1.0
-    steps: int = 2000
+    steps: int = 1000
     batch_size: int = 8  # per process
     lr: float = 2e-4
     checkpoint_every: int = 250
