@@ -171,3 +171,12 @@ def test_hyperdreambooth_and_its_ablations_are_measured_like_the_other_methods(t
     assert bytes_by_variant["full"] > max(
         bytes_by_variant["hypernet-only"], bytes_by_variant["no-hypernet"]
     )
+
+
+def test_the_demo_runs_hyperdreambooth_with_the_shipped_hypernetwork_on_mini(tmp_path):
+    from hyperbooth.demo import run_demo
+
+    report = run_demo(tmp_path, steps=2, images_per_prompt=1, sampling_steps=2)
+    assert report["method"] == "hyperdreambooth" and report["steps"] == 2
+    assert {"load", "predict", "fine_tune", "generate"} <= set(report["seconds"])
+    assert report["adapter_bytes"] > 0 and 0 <= report["scores"]["identity"] <= 1

@@ -660,10 +660,10 @@ def cmd_retrieve(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    """Personalise `mini` from one image of a face it never saw, draw it in new prompts, score it."""
+    """Personalise `mini` from one image of a face it never saw (HyperDreamBooth), draw it, score it."""
     from hyperbooth.demo import run_demo
 
-    run_demo(Path(args.out), steps=args.steps, base_spec=args.base)
+    run_demo(Path(args.out), steps=args.steps, base_spec=args.base, method=args.method)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1066,7 +1066,15 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="end-to-end run on a built-in model", description=cmd_demo.__doc__
     )
     p.add_argument("--out", default="demo-output")
-    p.add_argument("--steps", type=int, default=400, help="LoRA training steps")
+    p.add_argument(
+        "--method",
+        choices=("hyperdreambooth", "lora"),
+        default=None,
+        help="default: hyperdreambooth with the shipped hypernetwork on mini, lora elsewhere",
+    )
+    p.add_argument(
+        "--steps", type=int, default=None, help="fine-tune steps (default 40; lora: 400)"
+    )
     p.add_argument("--base", default="mini", help="a miniature-world model (default: mini)")
     p.set_defaults(func=cmd_demo)
     return parser

@@ -15,7 +15,10 @@ from PIL import Image
 from hyperbooth.adapters.config import RESNET_CONV_TARGETS, AdapterConfig
 from hyperbooth.atomic import write_text
 from hyperbooth.bases import MINI, MINI_FOLDER, TINY_RANDOM, load_base
+from hyperbooth.errors import HyperboothError
 from hyperbooth.generate import generate_images, image_grid
+from hyperbooth.hypernet.model import load_hypernet
+from hyperbooth.hypernet.personalize import PersonalizeConfig, personalize
 from hyperbooth.images import save_png
 from hyperbooth.methods import SubjectConfig, personalise
 from hyperbooth.miniworld.judges import Judge
@@ -24,14 +27,17 @@ from hyperbooth.training import TrainConfig
 DATA = Path(__file__).parent / "data"
 REFERENCE_IMAGE = DATA / "demo_reference.png"
 REFERENCE_INFO = DATA / "demo_reference.json"
-DEMO_METHOD = "lora"
-# The best measured setting on `mini` (docs/MINIWORLD.md, "Personalisation on mini"): a rank-16
-# LoRA on the UNet's ResNet convolutions, the text encoder untouched.
+# On `mini` the demo runs HyperDreamBooth with the shipped hypernetwork (docs/HYPERDREAMBOOTH.md):
+# predict a LiDB, then 40 steps of a rank-4 LoRA on the same ResNet convolutions.
+DEMO_METHOD = "hyperdreambooth"
+DEMO_FAST = {"rank": 4, "steps": 40, "learning_rate": 1e-2}
+# --method lora, and any base without a shipped hypernetwork: the best measured LoRA setting on
+# `mini` (docs/MINIWORLD.md): rank 16 on the UNet's ResNet convolutions, text encoder untouched.
 DEMO_ADAPTER = AdapterConfig(
-    kind=DEMO_METHOD, rank=16, unet_targets=RESNET_CONV_TARGETS, text_encoder_targets=()
+    kind="lora", rank=16, unet_targets=RESNET_CONV_TARGETS, text_encoder_targets=()
 )
 DEMO_LEARNING_RATE = 1e-3
-DEMO_STEPS = 400
+DEMO_STEPS = {"hyperdreambooth": DEMO_FAST["steps"], "lora": 400}
 JUDGE_RESOLUTION = 64
 DEMO_CONTEXTS: tuple[dict[str, str], ...] = (
     {"headwear": "hat"},
@@ -59,13 +65,14 @@ def write_reference(folder: Path = DATA) -> None:
 
 def run_demo(
     out_dir: Path,
-    steps: int = DEMO_STEPS,
+    steps: int | None = None,
     base_spec: str = MINI,
     images_per_prompt: int = 3,
     sampling_steps: int = 20,
     judge: Judge | None = None,
+    method: str | None = None,
 ) -> dict:
-    """Load, personalise with LoRA, generate, judge; report time per stage, size and scores."""
+    """Load, personalise (HyperDreamBooth on mini, else LoRA), generate, judge; report it all."""
     from hyperbooth.miniworld.evaluate import score_images, subject_prompt
     from hyperbooth.miniworld.judges import chance_levels
     from hyperbooth.miniworld.render import Identity
@@ -76,9 +83,14 @@ def run_demo(
         print(f"note: {MINI} is not in this installation yet; running on {TINY_RANDOM}, whose")
         print("      weights are random: every stage is real, but the pictures are noise.")
         base_spec = TINY_RANDOM
+    method = method or (DEMO_METHOD if base_spec == MINI else "lora")
+    if method not in DEMO_STEPS:
+        raise HyperboothError(f"the demo runs {' or '.join(DEMO_STEPS)}, not {method!r}")
+    steps = steps or DEMO_STEPS[method]
     times: dict[str, float] = {}
     started = time.perf_counter()
     base = load_base(base_spec)
+    hypernet = load_hypernet("mini") if method == "hyperdreambooth" else None
     # The judges read 64x64 miniature-world pictures; a base of another size is not judged.
     judged = base.resolution == JUDGE_RESOLUTION
     judge = judge or (Judge.load() if judged else None)
@@ -87,16 +99,23 @@ def run_demo(
     reference = Image.open(REFERENCE_IMAGE).convert("RGB").resize((base.resolution,) * 2)
     subject = Identity.from_index(json.loads(REFERENCE_INFO.read_text())["identity_index"])
     save_png(reference, out_dir / "reference.png")
-    result = personalise(
-        base,
-        [reference],
-        out_dir,
-        DEMO_METHOD,
-        SubjectConfig(token="sks", class_name="face"),
-        DEMO_ADAPTER,
-        TrainConfig(steps=steps, learning_rate=DEMO_LEARNING_RATE),
-    )
-    times["personalise"] = result.seconds
+    if hypernet is not None:
+        fast = PersonalizeConfig(**{**DEMO_FAST, "steps": steps})
+        fitted = personalize(base, hypernet, reference, out_dir / "subject.safetensors", fast)
+        output = fitted.output
+        times |= {k: v for k, v in fitted.seconds.items() if k != "save"}
+    else:
+        result = personalise(
+            base,
+            [reference],
+            out_dir,
+            "lora",
+            SubjectConfig(token="sks", class_name="face"),
+            DEMO_ADAPTER,
+            TrainConfig(steps=steps, learning_rate=DEMO_LEARNING_RATE),
+        )
+        output = result.output
+        times["personalise"] = result.seconds
 
     prompts = [subject_prompt(names) for names in DEMO_CONTEXTS]
     started = time.perf_counter()
@@ -115,20 +134,20 @@ def run_demo(
         }
     report = {
         "base": base_spec,
-        "method": DEMO_METHOD,
+        "method": method,
         "steps": steps,
-        "adapter_file": str(result.output),
-        "adapter_bytes": result.output.stat().st_size,
+        "adapter_file": str(output),
+        "adapter_bytes": output.stat().st_size,
         "seconds": {k: round(v, 2) for k, v in times.items()},
         "scores": scores,
         "grid": str(grid),
     }
     write_text(out_dir / "demo.json", json.dumps(report, indent=2))
     print()
-    print(f"demo: {DEMO_METHOD} on {base_spec}, one reference image of a face it never saw")
+    print(f"demo: {method} on {base_spec}, one reference image of a face it never saw")
     for stage, seconds in report["seconds"].items():
         print(f"  {stage:<12} {seconds:8.2f} s")
-    print(f"  adapter      {report['adapter_bytes']:,} bytes ({result.output})")
+    print(f"  adapter      {report['adapter_bytes']:,} bytes ({output})")
     if scores:
         chance = chance_levels()
         print(
