@@ -7,6 +7,7 @@ import json
 import pytest
 
 from hyperbooth.bases import load_base
+from hyperbooth.errors import HyperboothError
 from hyperbooth.miniworld.evaluate import (
     EVALUATION_CONTEXTS,
     PersonalisationConfig,
@@ -84,6 +85,8 @@ def test_the_demo_fast_path_writes_a_grid_and_scores(toy_world, tmp_path, capsys
     assert (tmp_path / "grid.png").is_file() and (tmp_path / "demo.json").is_file()
     assert report["adapter_bytes"] > 0 and 0 <= report["scores"]["identity"] <= 1
     assert "identity" in capsys.readouterr().out
+    with pytest.raises(HyperboothError, match="fits mini only"):
+        run_demo(tmp_path, base_spec=base.name, method="hyperdreambooth", judge=judge)
 
 
 def test_conditioning_gain_reports_both_losses_per_noise_band(toy_world):

@@ -86,6 +86,8 @@ def run_demo(
     method = method or (DEMO_METHOD if base_spec == MINI else "lora")
     if method not in DEMO_STEPS:
         raise HyperboothError(f"the demo runs {' or '.join(DEMO_STEPS)}, not {method!r}")
+    if method == "hyperdreambooth" and base_spec != MINI:
+        raise HyperboothError(f"the shipped hypernetwork fits {MINI} only; use --method lora")
     steps = steps or DEMO_STEPS[method]
     times: dict[str, float] = {}
     started = time.perf_counter()
