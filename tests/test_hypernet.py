@@ -199,3 +199,12 @@ def test_the_shipped_mini_hypernet_fits_mini_and_is_small():
         predicted = hypernet(torch.zeros(1, 3, base.resolution, base.resolution))
     adapter = add_adapter(base, hypernet.config.adapter)
     adapter.load_state_dict({k: v[0] for k, v in predicted.items()})  # same keys and shapes
+
+
+def test_an_unknown_recipe_field_is_a_one_line_error(tmp_path):
+    from hyperbooth.miniworld.train_hypernet import main as reproduce
+
+    (tmp_path / "recipe.json").write_text('{"stepz": 3}')
+    with pytest.raises(HyperboothError, match="unknown recipe field 'stepz'"):
+        reproduce(["--work", str(tmp_path / "w"), "--config", str(tmp_path / "recipe.json")])
+    assert not (tmp_path / "w").exists()

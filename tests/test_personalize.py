@@ -170,3 +170,13 @@ def test_predictions_and_aux_bases_are_bit_identical_in_a_new_process(tiny_base,
     there = load_file(str(tmp_path / "there.safetensors"))
     assert there.keys() == here.keys()
     assert all(torch.equal(there[k], here[k]) for k in here)
+
+
+def test_a_hypernetwork_for_another_base_is_a_one_line_error(tiny_base, tmp_path):
+    hypernet = _hypernet(tiny_base)
+    first = hypernet.keys[0]
+    hypernet.layer_shapes[first] = [1, 1]  # as if trained on a base whose layer is 1 x 1
+    image = Image.new("RGB", (32, 32))
+    with pytest.raises(HyperboothError, match=f"another base .*{first}"):
+        personalize(tiny_base, hypernet, image, tmp_path / "s.safetensors", PersonalizeConfig())
+    assert not (tmp_path / "s.safetensors").exists()

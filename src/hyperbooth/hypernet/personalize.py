@@ -18,7 +18,7 @@ from PIL import Image
 
 from hyperbooth.adapters.config import AdapterConfig
 from hyperbooth.adapters.files import save_adapter_parts
-from hyperbooth.adapters.inject import Adapter, add_adapter
+from hyperbooth.adapters.inject import Adapter, add_adapter, target_layers
 from hyperbooth.errors import HyperboothError
 from hyperbooth.hypernet.model import HyperNetwork
 from hyperbooth.images import to_tensor
@@ -67,6 +67,16 @@ def predict(
     base: object, hypernet: HyperNetwork, image: Image.Image, iterations: int | None = None
 ) -> Adapter:
     """Add the hypernetwork's LiDB for `image` to the base as adapter 'prediction'."""
+    layers = target_layers(base, hypernet.config.adapter)
+    shapes = {key: list(layer.weight.shape) for key, layer in layers.items()}
+    if shapes != hypernet.layer_shapes:
+        differ = sorted(set(shapes) ^ set(hypernet.layer_shapes)) or [
+            k for k in shapes if shapes[k] != hypernet.layer_shapes[k]
+        ]
+        raise HyperboothError(
+            f"the hypernetwork was trained for another base (layer {differ[0]} differs); "
+            "pass the --base it was trained on"
+        )
     device = next(base.unet.parameters()).device
     pixels = to_tensor(image.convert("RGB").resize((base.resolution,) * 2))[None].to(device)
     with torch.no_grad():

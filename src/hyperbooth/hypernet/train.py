@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from hyperbooth.adapters.config import AdapterConfig
 from hyperbooth.adapters.files import check_fits, read_adapter
 from hyperbooth.adapters.inject import add_adapter
 from hyperbooth.atomic import write_text
@@ -56,6 +57,8 @@ class IdentitySet:
     latent_mean: torch.Tensor  # (N, C, h, w), VAE posterior * scaling_factor
     latent_std: torch.Tensor
     targets: dict[str, torch.Tensor]  # key -> (N, ...) as the adapter stores it
+    # The files' adapter config (precompute's settings.json makes it one for all files).
+    adapter: AdapterConfig | None = None
 
 
 def load_identity_set(base: object, images: str | Path, precomputed: str | Path) -> IdentitySet:
@@ -69,13 +72,14 @@ def load_identity_set(base: object, images: str | Path, precomputed: str | Path)
     identities = json.loads(manifest_path.read_text())["identities"]
     if not identities:
         raise HyperboothError(f"{precomputed} holds no fitted identities")
-    names, pictures, targets = [], [], {}
+    names, pictures, targets, adapter = [], [], {}, None
     for name, entry in sorted(identities.items()):
         image = images / entry["image"]
         if not image.is_file():
             raise HyperboothError(f"identity {name}: its image {image} is missing from {images}")
         file = read_adapter(precomputed / entry["file"])
         check_fits(file, base, precomputed / entry["file"])
+        adapter = adapter or file.config
         names.append(name)
         pictures.append(load_image(image, base.resolution))
         for key, value in file.tensors.items():
@@ -88,6 +92,7 @@ def load_identity_set(base: object, images: str | Path, precomputed: str | Path)
         latent_mean=mean,
         latent_std=std,
         targets={key: torch.stack(values) for key, values in targets.items()},
+        adapter=adapter,
     )
 
 
@@ -230,11 +235,10 @@ def train_hypernet(
 
     base.to(accelerator.device)
     data = load_identity_set(base, images, precomputed)
-    manifest = json.loads((Path(precomputed) / "manifest.json").read_text())
-    first = next(iter(sorted(manifest["identities"].values(), key=lambda e: e["file"])))
-    adapter = read_adapter(Path(precomputed) / first["file"]).config
-    config = replace(config, adapter=adapter)
-    layers = {key: tuple(layer.weight.shape) for key, layer in target_layers(base, adapter).items()}
+    config = replace(config, adapter=data.adapter)
+    layers = {
+        key: tuple(layer.weight.shape) for key, layer in target_layers(base, data.adapter).items()
+    }
     torch.manual_seed(train_config.seed)  # the hypernetwork's initial weights
     hypernet = HyperNetwork(config, layers).to(accelerator.device)
     log_file = Path(out) / LOSS_TERMS_LOG if accelerator.is_main_process else None

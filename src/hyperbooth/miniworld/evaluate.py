@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from hyperbooth.adapters.config import AdapterConfig
 from hyperbooth.atomic import stored_bytes, write_text
 from hyperbooth.bases import load_base
-from hyperbooth.errors import HyperboothError
+from hyperbooth.errors import HyperboothError, run_module
 from hyperbooth.generate import generate_images
 from hyperbooth.methods import NEW_WORD_METHODS
 from hyperbooth.miniworld.captions import caption, pair_caption, sample_training_example
@@ -372,6 +372,9 @@ def personalisation(
         "batch_size": 8,
         "progress": False,
     }
+    hypernet = fast = None
+    if config.method == "hyperdreambooth":  # before any work: a bad --hypernet fails at once
+        hypernet, fast = _fast_path(config)
     plain_rows = generate_images(base, plain_prompts, **generate)
     rows = []
     shared = tempfile.TemporaryDirectory()
@@ -382,9 +385,7 @@ def personalisation(
                 Path(shared.name) / "regularisation", config.regularisation_images, config.seed
             )
         )
-    adapter = hypernet = fast = None
-    if config.method == "hyperdreambooth":
-        hypernet, fast = _fast_path(config)
+    adapter = None
     if config.method in ("lidb", "lora"):
         targets = {} if config.unet_targets is None else {"unet_targets": config.unet_targets}
         adapter = AdapterConfig(kind=config.method, rank=config.rank, **targets)
@@ -729,4 +730,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_module(main, "hyperbooth.miniworld.evaluate")

@@ -23,6 +23,7 @@ from pathlib import Path
 from hyperbooth.adapters.config import RESNET_CONV_TARGETS, AdapterConfig
 from hyperbooth.atomic import write_text
 from hyperbooth.bases import load_base
+from hyperbooth.errors import HyperboothError, run_module
 from hyperbooth.hypernet.model import BUILT_IN, HyperNetConfig, load_hypernet, save_hypernet
 from hyperbooth.hypernet.precompute import PrecomputeConfig, precompute
 from hyperbooth.hypernet.train import HYPERNET_DIR, HyperLossConfig, train_hypernet
@@ -110,6 +111,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", default=None, help="JSON file overriding HypernetRecipe")
     args = parser.parse_args(argv)
     overrides = json.loads(Path(args.config).read_text()) if args.config else {}
+    unknown = sorted(set(overrides) - set(HypernetRecipe.__dataclass_fields__))
+    if unknown:
+        raise HyperboothError(f"{args.config}: unknown recipe field {unknown[0]!r}")
     recipe = HypernetRecipe(**overrides)
     work, out = Path(args.work), Path(args.out)
     train_config = TrainConfig(
@@ -183,4 +187,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_module(main, "hyperbooth.miniworld.train_hypernet")
