@@ -208,3 +208,55 @@ def test_an_unknown_recipe_field_is_a_one_line_error(tmp_path):
     with pytest.raises(HyperboothError, match="unknown recipe field 'stepz'"):
         reproduce(["--work", str(tmp_path / "w"), "--config", str(tmp_path / "recipe.json")])
     assert not (tmp_path / "w").exists()
+
+
+def test_a_convolutional_encoder_gives_one_token_per_cell_and_keeps_its_batchnorm(
+    tiny_base, tmp_path
+):
+    from transformers import ResNetConfig, ResNetModel
+
+    config = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic")
+    ResNetModel(config).save_pretrained(tmp_path / "resnet")
+    hypernet = _hypernet(tiny_base, encoder=str(tmp_path / "resnet"))
+    assert hypernet.project.in_features == 16  # hidden_sizes[-1]
+    features = hypernet.encode(torch.rand(2, 3, 32, 32) * 2 - 1)
+    assert features.shape == (2, 4 * 4, 32)  # 32 px -> a 4x4 map -> 16 tokens of width 32
+    hypernet.train()
+    assert hypernet.training and not hypernet.encoder.training  # frozen: statistics fixed
+    before = {k: v.clone() for k, v in hypernet.encoder.state_dict().items()}
+    hypernet(torch.rand(4, 3, 32, 32))
+    assert all(torch.equal(v, hypernet.encoder.state_dict()[k]) for k, v in before.items())
+
+
+def test_the_encoder_recipe_trains_resumes_exactly_and_exports_a_transformers_folder(tmp_path):
+    from transformers import AutoModel
+
+    from hyperbooth.miniworld.train_encoder import (
+        EncoderRecipe,
+        contrastive_batch,
+        info_nce,
+        train_encoder,
+    )
+
+    recipe = EncoderRecipe(
+        hidden_sizes=(8, 16), depths=(1, 1), embedding=8, identities_per_step=4, steps=3,
+        checkpoint_every=1, eval_identities=4, mixed_precision="no",
+    )  # fmt: skip
+    images, count = contrastive_batch(0, recipe)
+    assert images.shape == (8, 3, 64, 64) and count == 4
+    assert torch.equal(images, contrastive_batch(0, recipe)[0])  # a pure function of the step
+    # The loss is low when each view's partner is its nearest neighbour, high when not.
+    matched = torch.eye(4).repeat(2, 1)
+    shuffled = torch.cat([torch.eye(4), torch.eye(4).roll(1, 0)])
+    assert info_nce(matched, 4, 0.1) < 0.01 < 5 < info_nce(shuffled, 4, 0.1)
+    full = train_encoder(recipe, tmp_path / "a", tmp_path / "out_a", progress=False)
+    assert train_encoder(recipe, tmp_path / "b", tmp_path / "out_b", False, stop_at=2) is None
+    assert not (tmp_path / "out_b").exists()
+    split = train_encoder(recipe, tmp_path / "b", tmp_path / "out_b", progress=False)
+    a = AutoModel.from_pretrained(tmp_path / "out_a")
+    b = AutoModel.from_pretrained(tmp_path / "out_b")
+    b_state = b.state_dict()
+    assert all(torch.equal(v, b_state[k]) for k, v in a.state_dict().items())
+    assert next(a.parameters()).dtype in (torch.float16, torch.float32)
+    assert set(full["retrieval"]) == {"held_out_top1", "siblings_top1", "chance"}
+    assert split["final_loss_mean_50"] == full["final_loss_mean_50"]

@@ -6,8 +6,9 @@
     per-layer heads: theta_K[:, l] -> A_train (r, a) and B_train (b, r) of layer l
 
 The encoder is any transformers vision model given by name or local path (ViT, CLIP vision,
-DINOv2...: its last_hidden_state), frozen by default; for `mini`, a small ViT trained from
-scratch with the rest. The predicted tensors are keyed exactly as the adapter's own
+DINOv2...: its last_hidden_state tokens; a convolutional net's feature map, one token per
+cell), frozen by default; for `mini`, either a small ViT trained from scratch with the rest or
+the shipped identity encoder `mini-encoder`. The predicted tensors are keyed exactly as the adapter's own
 (`<component>.<path>.lidb_a_train`), so they load, save and export like any fitted LiDB.
 """
 
@@ -24,6 +25,11 @@ from hyperbooth.adapters.config import AdapterConfig
 from hyperbooth.errors import HyperboothError
 
 SCRATCH_VIT = "scratch-vit"  # a small ViT with random weights, trained with the hypernetwork
+# Encoders that ship with the package, by name: mini's identity encoder (a transformers ResNet
+# trained contrastively on the miniature world; hyperbooth.miniworld.train_encoder).
+BUILT_IN_ENCODERS = {
+    "mini-encoder": Path(__file__).parents[1] / "miniworld" / "weights" / "mini-encoder"
+}
 
 
 def _lidb() -> AdapterConfig:
@@ -83,18 +89,23 @@ def build_encoder(config: HyperNetConfig) -> tuple[nn.Module, int]:
             intermediate_size=4 * config.encoder_width,
         )
         return ViTModel(vit, add_pooling_layer=False), config.encoder_width
+    source = BUILT_IN_ENCODERS.get(config.encoder, config.encoder)
     try:
-        model = AutoModel.from_pretrained(config.encoder, use_safetensors=True)
+        model = AutoModel.from_pretrained(source, use_safetensors=True)
     except (OSError, ValueError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise HyperboothError(
             f"cannot load the image encoder {config.encoder!r} ({first}); pass a local folder "
             "with a transformers vision model (config.json + model.safetensors) or a cached hub id"
         ) from error
-    vision = getattr(model, "vision_model", model)  # CLIPModel -> its vision tower
+    vision = getattr(model, "vision_model", model).float()  # CLIPModel -> its vision tower
     width = getattr(vision.config, "hidden_size", None)
+    sizes = getattr(vision.config, "hidden_sizes", None)  # convolutional nets (ResNet, ConvNeXt)
+    width = width if width is not None else (sizes[-1] if sizes else None)
     if width is None:
-        raise HyperboothError(f"{config.encoder!r} is not a vision transformer (no hidden_size)")
+        raise HyperboothError(
+            f"{config.encoder!r} is not a vision model with hidden_size or hidden_sizes"
+        )
     return vision, width
 
 
@@ -111,7 +122,7 @@ class HyperNetwork(nn.Module):
         self.split = (r * a, b * r)
         self.encoder, feature_width = build_encoder(config)
         if config.encoder != SCRATCH_VIT and not config.train_encoder:
-            self.encoder.requires_grad_(False)
+            self.encoder.requires_grad_(False).eval()
         self.project = nn.Linear(feature_width, config.width)
         count, width = len(self.keys), config.width
         self.position = nn.Parameter(torch.randn(count, width) * 0.02)
@@ -127,6 +138,13 @@ class HyperNetwork(nn.Module):
         self.head_weight = nn.Parameter(torch.randn(count, width, outputs) * config.head_init_std)
         self.head_bias = nn.Parameter(torch.zeros(count, outputs))
 
+    def train(self, mode: bool = True) -> HyperNetwork:
+        """Set training mode; a frozen encoder stays in eval mode (its BatchNorm statistics fixed)."""
+        super().train(mode)
+        if not self.trains_encoder():
+            self.encoder.eval()
+        return self
+
     def trains_encoder(self) -> bool:
         """Whether the encoder's weights receive gradients."""
         return any(p.requires_grad for p in self.encoder.parameters())
@@ -139,6 +157,8 @@ class HyperNetwork(nn.Module):
             )
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.trains_encoder()):
             features = self.encoder(pixel_values=images).last_hidden_state
+        if features.ndim == 4:  # a convolutional feature map (B, C, h, w): one token per cell
+            features = features.flatten(2).transpose(1, 2)
         return self.project(features)
 
     def tokens(self, features: torch.Tensor, iterations: int | None = None) -> list[torch.Tensor]:

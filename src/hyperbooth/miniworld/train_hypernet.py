@@ -23,10 +23,17 @@ from pathlib import Path
 from hyperbooth.adapters.config import RESNET_CONV_TARGETS, AdapterConfig
 from hyperbooth.atomic import write_text
 from hyperbooth.bases import load_base
-from hyperbooth.errors import HyperboothError, run_module
-from hyperbooth.hypernet.model import BUILT_IN, HyperNetConfig, load_hypernet, save_hypernet
+from hyperbooth.errors import run_module
+from hyperbooth.hypernet.model import (
+    BUILT_IN,
+    SCRATCH_VIT,
+    HyperNetConfig,
+    load_hypernet,
+    save_hypernet,
+)
 from hyperbooth.hypernet.precompute import PrecomputeConfig, precompute
 from hyperbooth.hypernet.train import HYPERNET_DIR, HyperLossConfig, train_hypernet
+from hyperbooth.miniworld import recipe_from_json
 from hyperbooth.miniworld.evaluate import identity_images
 from hyperbooth.training import TrainConfig, make_accelerator
 
@@ -54,8 +61,9 @@ class HypernetRecipe:
     identities_per_step: int = 16
     precompute_steps: int = 100
     precompute_lr: float = 3e-2
-    # the hypernetwork (a scratch ViT encoder)
-    encoder_width: int = 192
+    # the hypernetwork: its encoder is SCRATCH_VIT (trained with it) or "mini-encoder" (frozen)
+    encoder: str = SCRATCH_VIT
+    encoder_width: int = 192  # scratch ViT only
     encoder_layers: int = 4
     width: int = 256
     decoder_layers: int = 2
@@ -110,11 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--base", default="mini")
     parser.add_argument("--config", default=None, help="JSON file overriding HypernetRecipe")
     args = parser.parse_args(argv)
-    overrides = json.loads(Path(args.config).read_text()) if args.config else {}
-    unknown = sorted(set(overrides) - set(HypernetRecipe.__dataclass_fields__))
-    if unknown:
-        raise HyperboothError(f"{args.config}: unknown recipe field {unknown[0]!r}")
-    recipe = HypernetRecipe(**overrides)
+    recipe = recipe_from_json(HypernetRecipe, args.config)
     work, out = Path(args.work), Path(args.out)
     train_config = TrainConfig(
         steps=recipe.steps,
@@ -157,6 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     config = HyperNetConfig(
         adapter=recipe.adapter,
         image_size=base.resolution,
+        encoder=recipe.encoder,
         encoder_width=recipe.encoder_width,
         encoder_layers=recipe.encoder_layers,
         width=recipe.width,
