@@ -13,6 +13,7 @@ from hyperbooth.benchmark import (
     PROMPT_SETS,
     BenchmarkConfig,
     mini_subjects,
+    read_plan,
     read_prompt_set,
     read_subjects,
 )
@@ -93,3 +94,88 @@ def test_bad_benchmark_specs_are_one_line_errors(tmp_path):
     assert cli(["benchmark", "--base", "tiny-random", "--subjects", "mini:x", "--out", "o"]) == 2
     bad_rate = ["--method-lr", "lora=fast", "--subjects", str(tmp_path), "--out", "o"]
     assert cli(["benchmark", "--base", "tiny-random", *bad_rate]) == 2
+
+
+def test_a_plan_runs_named_rows_with_their_own_settings_and_guards_changed_rows(tmp_path):
+    subjects = tmp_path / "subjects"
+    (subjects / "red").mkdir(parents=True)
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(subjects / "red" / "photo.png")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a {} in the snow\n")
+    rows = [
+        {"name": "lidb-r1", "method": "lidb", "steps": 2},
+        {"name": "lidb-r2-convs", "method": "lidb", "steps": 3, "learning_rate": 1e-2,
+         "adapter": {"rank": 2, "unet_targets": [r".*resnets\.\d+\.conv[12]"],
+                     "text_encoder_targets": []}},
+    ]  # fmt: skip
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"rows": rows}))
+    out = tmp_path / "bench"
+    args = ["benchmark", "--base", "tiny-random", "--device", "cpu", "--subjects", str(subjects)]
+    args += ["--plan", str(plan), "--prompts", str(prompts), "--seeds", "1"]
+    args += ["--sampling-steps", "2", "--out", str(out)]
+    assert cli(args) == 0
+    (first,) = (out / "cells" / "lidb-r1" / "red").rglob("adapter.safetensors")
+    (second,) = (out / "cells" / "lidb-r2-convs" / "red").rglob("adapter.safetensors")
+    assert read_adapter(first).config.rank == 1
+    stored = read_adapter(second)
+    assert stored.config.rank == 2 and all(".resnets." in k for k in stored.tensors)
+    result = json.loads((out / "cells" / "lidb-r2-convs" / "red" / "result.json").read_text())
+    assert result["kind"] == "lidb" and result["row"]["steps"] == 3
+    assert "| lidb-r2-convs | 1 |" in (out / "table.md").read_text()
+    rows[1]["steps"] = 4  # the same name with other settings must not reuse the old cell
+    plan.write_text(json.dumps({"rows": rows}))
+    assert cli(args) == 2
+    assert cli([*args, "--methods", "lidb"]) == 2  # a plan or methods, not both
+    for bad in ({"name": "x", "method": "magic"}, {"name": "a b", "method": "lidb"},
+                {"name": "x", "method": "lidb", "adapter": {"rnak": 2}},
+                {"name": "x", "method": "lora", "hypernet": {"iterations": 1}}):  # fmt: skip
+        with pytest.raises(HyperboothError):
+            BenchmarkConfig(rows=(bad,))
+    plan.write_text("[1, 2]")
+    with pytest.raises(HyperboothError, match="cannot read the plan"):
+        read_plan(plan)
+
+
+def test_hyperdreambooth_ablations_are_rows_of_the_same_table(tmp_path):
+    import torch
+
+    from hyperbooth.adapters.config import AdapterConfig
+    from hyperbooth.adapters.inject import target_layers
+    from hyperbooth.bases import load_base
+    from hyperbooth.hypernet.model import HyperNetConfig, HyperNetwork, save_hypernet
+
+    adapter = AdapterConfig(kind="lidb", lidb_a=16, lidb_b=8)
+    base = load_base("tiny-random")
+    layers = {k: tuple(m.weight.shape) for k, m in target_layers(base, adapter).items()}
+    torch.manual_seed(0)
+    sizes = {"image_size": 32, "encoder_width": 16, "encoder_layers": 1, "width": 16, "heads": 2}
+    save_hypernet(HyperNetwork(HyperNetConfig(adapter=adapter, **sizes), layers), tmp_path / "h")
+    subjects = tmp_path / "subjects"
+    (subjects / "red").mkdir(parents=True)
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(subjects / "red" / "photo.png")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a {} in the snow\n")
+    rows = [
+        {"name": "hdb", "method": "hyperdreambooth", "steps": 2, "adapter": {"rank": 2}},
+        {"name": "hdb-only", "method": "hyperdreambooth", "hypernet": {"fine_tune": False}},
+        {"name": "hdb-k1", "method": "hyperdreambooth", "steps": 2,
+         "hypernet": {"iterations": 1}},
+        {"name": "hdb-zero", "method": "hyperdreambooth", "steps": 2,
+         "hypernet": {"use_hypernet": False}},
+    ]  # fmt: skip
+    (tmp_path / "plan.json").write_text(json.dumps({"rows": rows}))
+    out = tmp_path / "bench"
+    args = ["benchmark", "--base", "tiny-random", "--device", "cpu", "--subjects", str(subjects)]
+    args += ["--plan", str(tmp_path / "plan.json"), "--hypernet", str(tmp_path / "h")]
+    args += ["--prompts", str(prompts), "--seeds", "1", "--sampling-steps", "2", "--out", str(out)]
+    assert cli(args) == 0
+    size = {
+        r["name"]: json.loads((out / "cells" / r["name"] / "red" / "result.json").read_text())[
+            "stored_bytes"
+        ]
+        for r in rows
+    }
+    # rank 2 relaxed LoRA < rank 4; the prediction alone is smallest; no prediction drops it.
+    assert size["hdb-only"] < size["hdb"] < size["hdb-k1"]
+    assert abs(size["hdb-zero"] - (size["hdb-k1"] - size["hdb-only"])) < 1000  # but metadata

@@ -12,8 +12,9 @@ import copy
 import csv
 import io
 import json
+import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -45,11 +46,60 @@ DEFAULT_STEPS = {
 SCORES = ("judge_identity", "judge_hidden", "judge_prompt", "clip_t", "clip_i", "dino", "div")
 
 
+HYPERNET_OPTIONS = ("use_hypernet", "fine_tune", "iterations")
+
+
+@dataclass
+class Row:
+    """One row of the table: a method under a name, with the settings that differ from the run's.
+
+    `adapter` sets AdapterConfig fields over the run's (for hyperdreambooth: the relaxed LoRA's
+    rank and layers); `hypernet` sets hyperdreambooth's ablations (use_hypernet, fine_tune,
+    iterations), so the paper's Table 3 rows are rows of the same table.
+    """
+
+    name: str
+    method: str
+    steps: int | None = None
+    learning_rate: float | None = None
+    adapter: dict = field(default_factory=dict)
+    hypernet: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.method not in BENCHMARK_METHODS:
+            raise HyperboothError(
+                f"row {self.name!r}: unknown method {self.method!r}; choose from "
+                f"{', '.join(BENCHMARK_METHODS)}"
+            )
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", self.name):
+            raise HyperboothError(f"row name {self.name!r}: use letters, digits, '.', '_', '-'")
+        known = {f.name for f in fields(AdapterConfig)}
+        bad = sorted(set(self.adapter) - known) + sorted(set(self.hypernet) - {*HYPERNET_OPTIONS})
+        if bad:
+            raise HyperboothError(f"row {self.name!r}: unknown setting {bad[0]!r}")
+        if self.hypernet and self.method != "hyperdreambooth":
+            raise HyperboothError(f"row {self.name!r}: hypernet settings need hyperdreambooth")
+
+
+def read_plan(path: str | Path) -> tuple[Row, ...]:
+    """The rows of a plan file: JSON {"rows": [{"name", "method", "steps", ...}, ...]}."""
+    try:
+        data = json.loads(Path(path).read_text())
+        rows = tuple(Row(**row) for row in data["rows"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise HyperboothError(
+            f"cannot read the plan {path} ({error}); it must be JSON "
+            '{"rows": [{"name": ..., "method": ..., "steps": ..., "learning_rate": ...}]}'
+        ) from None
+    return rows
+
+
 @dataclass
 class BenchmarkConfig:
-    """What to run: methods, sampling, backbones, HyperDreamBooth's hypernetwork."""
+    """What to run: methods (or named rows), sampling, backbones, HyperDreamBooth's hypernetwork."""
 
     methods: tuple[str, ...] = ("lidb", "lora")
+    rows: tuple[Row, ...] = ()  # when given, `methods` becomes the rows' names
     seeds: int = 2
     sampling_steps: int = 25
     guidance: float = 7.5
@@ -64,17 +114,35 @@ class BenchmarkConfig:
     device: str = "auto"
 
     def __post_init__(self) -> None:
-        unknown = [m for m in self.methods if m not in BENCHMARK_METHODS]
-        if unknown or not self.methods:
-            raise HyperboothError(
-                f"unknown method {unknown[:1]}; choose from {', '.join(BENCHMARK_METHODS)}"
-            )
-        if "hyperdreambooth" in self.methods and not self.hypernet:
+        self.rows = tuple(Row(**r) if isinstance(r, dict) else r for r in self.rows)
+        if not self.rows:
+            unknown = [m for m in self.methods if m not in BENCHMARK_METHODS]
+            if unknown or not self.methods:
+                raise HyperboothError(
+                    f"unknown method {unknown[:1]}; choose from {', '.join(BENCHMARK_METHODS)}"
+                )
+            self.rows = tuple(Row(m, m) for m in self.methods)
+        self.methods = tuple(row.name for row in self.rows)
+        if len(set(self.methods)) != len(self.methods):
+            raise HyperboothError(f"row names repeat: {', '.join(self.methods)}")
+        if any(r.method == "hyperdreambooth" for r in self.rows) and not self.hypernet:
             raise HyperboothError("hyperdreambooth needs --hypernet FOLDER (train-hypernet's out)")
 
-    def word(self, method: str) -> str:
-        """The identifier a method's prompts use: a new word for TI / Custom Diffusion."""
-        return f"<{self.token}>" if method in NEW_WORD_METHODS else self.token
+    def row(self, name: str) -> Row:
+        """The row called name."""
+        return next(row for row in self.rows if row.name == name)
+
+    def word(self, name: str) -> str:
+        """The identifier a row's prompts use: a new word for TI / Custom Diffusion."""
+        return f"<{self.token}>" if self.row(name).method in NEW_WORD_METHODS else self.token
+
+    def adapter_for(self, name: str) -> AdapterConfig | None:
+        """The run's adapter settings with the row's over them."""
+        row = self.row(name)
+        if not row.adapter:
+            return self.adapter
+        start = json.loads(self.adapter.to_json()) if self.adapter else {}
+        return AdapterConfig.from_json({**start, **row.adapter})
 
 
 @dataclass
@@ -140,8 +208,8 @@ def read_subjects(folder: str | Path) -> list[Subject]:
     return subjects
 
 
-def _fit(base: object, method: str, subject: Subject, config: BenchmarkConfig, out: Path):
-    """Personalise a copy of base in place; (stored path, seconds)."""
+def _fit(base: object, name: str, subject: Subject, config: BenchmarkConfig, out: Path):
+    """Personalise a copy of base in place with row `name`; (stored path, seconds)."""
     from hyperbooth.images import load_image
     from hyperbooth.methods import (
         CustomDiffusionConfig,
@@ -152,12 +220,20 @@ def _fit(base: object, method: str, subject: Subject, config: BenchmarkConfig, o
     from hyperbooth.training import TrainConfig
 
     images = [load_image(p, base.resolution) for p in subject.images]
-    steps = config.steps.get(method, DEFAULT_STEPS[method])
+    row = config.row(name)
+    method = row.method
+    steps = row.steps or config.steps.get(method, DEFAULT_STEPS[method])
+    learning_rate = row.learning_rate or config.learning_rates.get(method)
     if method == "hyperdreambooth":
         from hyperbooth.hypernet.model import load_hypernet
         from hyperbooth.hypernet.personalize import PersonalizeConfig, personalize
 
         hypernet = load_hypernet(config.hypernet)  # like the base: loaded, not fitted
+        relaxed = {
+            key: tuple(value) if isinstance(value, list) else value
+            for key, value in row.adapter.items()
+            if key in ("rank", "unet_targets", "text_encoder_targets")
+        }
         started = time.perf_counter()
         result = personalize(
             base,
@@ -166,11 +242,13 @@ def _fit(base: object, method: str, subject: Subject, config: BenchmarkConfig, o
             out / "subject.safetensors",
             PersonalizeConfig(
                 steps=steps,
-                learning_rate=config.learning_rates.get(method, PersonalizeConfig.learning_rate),
+                learning_rate=learning_rate or PersonalizeConfig.learning_rate,
                 token=config.token,
                 class_name=subject.class_name,
                 seed=config.seed,
                 device=config.device,
+                **relaxed,
+                **row.hypernet,
             ),
             progress=False,
         )
@@ -181,11 +259,11 @@ def _fit(base: object, method: str, subject: Subject, config: BenchmarkConfig, o
         images,
         out / "fit",
         method,
-        SubjectConfig(token=config.word(method), class_name=subject.class_name),
-        config.adapter,
+        SubjectConfig(token=config.word(name), class_name=subject.class_name),
+        config.adapter_for(name),
         TrainConfig(
             steps=steps,
-            learning_rate=config.learning_rates.get(method),
+            learning_rate=learning_rate,
             seed=config.seed,
             device=config.device,
         ),
@@ -213,8 +291,15 @@ def run_cell(
 
     cell = out / "cells" / method / subject.name
     done = cell / "result.json"
+    settings = json.loads(json.dumps(asdict(config.row(method))))  # as result.json stores it
     if done.is_file():
-        return json.loads(done.read_text())
+        result = json.loads(done.read_text())
+        if result.get("row", settings) != settings:
+            raise HyperboothError(
+                f"{done} was made with other settings for row {method!r}; give the changed row "
+                "a new name or use a new --out"
+            )
+        return result
     model = copy.deepcopy(base)
     stored, fit_seconds = _fit(model, method, subject, config, cell)
     texts = [p.format(f"{config.word(method)} {subject.class_name}") for p in prompts]
@@ -243,6 +328,8 @@ def run_cell(
         scores |= judge_scores(generated, subject.info, texts, config.word(method), judge)
     result = {
         "method": method,
+        "kind": settings["method"],
+        "row": settings,
         "subject": subject.name,
         "seconds": {"fit": fit_seconds, "generate": generate_seconds},
         "stored_bytes": stored_bytes(stored),

@@ -408,12 +408,15 @@ def cmd_benchmark(args: argparse.Namespace) -> None:
     from hyperbooth.benchmark import (
         BenchmarkConfig,
         mini_subjects,
+        read_plan,
         read_prompt_set,
         read_subjects,
         run_benchmark,
     )
 
-    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    if args.plan and args.methods:
+        raise HyperboothError("give --methods or --plan, not both (a plan names its own rows)")
+    methods = tuple(m.strip() for m in (args.methods or "lidb,lora").split(",") if m.strip())
     steps = {}
     for spec in args.method_steps:
         method, _, value = spec.partition("=")
@@ -431,6 +434,7 @@ def cmd_benchmark(args: argparse.Namespace) -> None:
             ) from None
     config = BenchmarkConfig(
         methods=methods,
+        rows=read_plan(args.plan) if args.plan else (),
         seeds=args.seeds,
         sampling_steps=args.sampling_steps,
         guidance=args.guidance,
@@ -877,9 +881,15 @@ def build_parser() -> argparse.ArgumentParser:
     _base_flags(p)
     p.add_argument(
         "--methods",
-        default="lidb,lora",
+        default=None,
         help="comma-separated: hyperdreambooth, dreambooth, lora, lidb, textual-inversion, "
-        "custom-diffusion",
+        "custom-diffusion (default lidb,lora)",
+    )
+    p.add_argument(
+        "--plan",
+        default=None,
+        help="JSON file of named rows, each a method with its own steps, learning_rate, adapter "
+        "and hypernet settings (ablations), instead of --methods; e.g. benchmarks/mini_results.json",
     )
     p.add_argument(
         "--subjects",
