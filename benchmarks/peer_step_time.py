@@ -158,8 +158,10 @@ def run_child(python: str, kind: str, argv: list[str], threads: int, log: Path) 
             )
         wall = time.perf_counter() - started
         if done.returncode != 0 or not stamps.is_file():
-            tail = log.read_text()[-1500:]
-            raise SystemExit(f"child failed ({done.returncode}); log {log}:\n{tail}")
+            killed = done.returncode == -9 or done.returncode == 137
+            reason = "killed (out of memory?)" if killed else f"exit status {done.returncode}"
+            print(f"child failed: {reason}; log {log}:\n{log.read_text()[-800:]}", flush=True)
+            return {"failed": reason, "wall_seconds": wall, "argv": [kind, *argv]}
         data = json.loads(stamps.read_text())
     gaps = [b - a for a, b in zip(data["stamps"], data["stamps"][1:], strict=False)]
     return {
@@ -183,8 +185,10 @@ def summarise(runs: list[dict]) -> list[dict]:
             mine = [
                 r for r in runs
                 if (r["base"], r["method"], r["precision"], r["side"])
-                == (base, method, precision, side)
+                == (base, method, precision, side) and "failed" not in r
             ]  # fmt: skip
+            if not mine:
+                break
             row[f"{side}_s_per_step"] = statistics.median(r["seconds_per_step"] for r in mine)
             row[f"{side}_peak_gb"] = max(r["peak_rss_bytes"] for r in mine) / 1e9
             # torch's own libraries differ between the two environments (2.13.0 CPU build
@@ -193,6 +197,10 @@ def summarise(runs: list[dict]) -> list[dict]:
                 max(r["peak_rss_bytes"] - r["rss_after_import_torch"] for r in mine) / 1e9
             )
             row[f"{side}_repeats"] = len(mine)
+        if any(f"{side}_s_per_step" not in row for side in ("ours", "peer")):
+            row["failed"] = True  # one side has no successful run: no ratio
+            rows.append(row)
+            continue
         row["time_ratio"] = row["ours_s_per_step"] / row["peer_s_per_step"]
         row["memory_ratio"] = row["ours_peak_gb"] / row["peer_peak_gb"]
         row["work_memory_ratio"] = row["ours_work_gb"] / row["peer_work_gb"]
@@ -213,6 +221,9 @@ def markdown(rows: list[dict]) -> str:
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
+        if r.get("failed"):
+            lines.append(f"| {r['base']} | {r['method']} | {r['precision']} | failed |" + " |" * 7)
+            continue
         lines.append(
             f"| {r['base']} | {r['method']} | {r['precision']} | {r['ours_s_per_step']:.3f} | "
             f"{r['peer_s_per_step']:.3f} | {r['time_ratio']:.2f} | {r['ours_peak_gb']:.2f} | "
@@ -221,6 +232,27 @@ def markdown(rows: list[dict]) -> str:
             f"{'met' if r['meets_target'] else 'not met'} |"
         )
     return "\n".join(lines)
+
+
+def save(args: argparse.Namespace, examples: Path, runs: list[dict], summary: list) -> None:
+    """Write every run and the summary to --out (if given), atomically."""
+    if not args.out:
+        return
+    from hyperbooth.atomic import write_text
+
+    report = {
+        "command": shlex.join([sys.executable, *sys.argv]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
+        "peer_scripts_sha256": {
+            name: hashlib.sha256((examples / "dreambooth" / name).read_bytes()).hexdigest()
+            for name in ("train_dreambooth_lora.py", "train_dreambooth.py")
+        },
+        "examples_revision": args.examples_revision,
+        "runs": runs,
+        "summary": summary,
+    }
+    write_text(args.out, json.dumps(report, indent=2))
 
 
 def main() -> None:
@@ -273,29 +305,16 @@ def main() -> None:
                             "resolution": resolution, "python": python,
                         }  # fmt: skip
                         runs.append(result)
+                        save(args, examples, runs, summarise(runs))  # a killed run keeps these
                         shutil.rmtree(work / "out" / name, ignore_errors=True)  # GBs each
-                        print(
-                            f"{name}: {result['seconds_per_step']:.3f} s/step, "
-                            f"peak {result['peak_rss_bytes'] / 1e9:.2f} GB",
-                            flush=True,
-                        )
+                        if "failed" not in result:
+                            print(
+                                f"{name}: {result['seconds_per_step']:.3f} s/step, "
+                                f"peak {result['peak_rss_bytes'] / 1e9:.2f} GB",
+                                flush=True,
+                            )
     summary = summarise(runs)
-    report = {
-        "command": shlex.join([sys.executable, *sys.argv]),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
-        "peer_scripts_sha256": {
-            name: hashlib.sha256((examples / "dreambooth" / name).read_bytes()).hexdigest()
-            for name in ("train_dreambooth_lora.py", "train_dreambooth.py")
-        },
-        "examples_revision": args.examples_revision,
-        "runs": runs,
-        "summary": summary,
-    }
-    if args.out:
-        from hyperbooth.atomic import write_text
-
-        write_text(args.out, json.dumps(report, indent=2))
+    save(args, examples, runs, summary)
     if args.markdown:
         print(markdown(summary))
 

@@ -226,6 +226,12 @@ def test_a_convolutional_encoder_gives_one_token_per_cell_and_keeps_its_batchnor
     before = {k: v.clone() for k, v in hypernet.encoder.state_dict().items()}
     hypernet(torch.rand(4, 3, 32, 32))
     assert all(torch.equal(v, hypernet.encoder.state_dict()[k]) for k, v in before.items())
+    save_hypernet(hypernet, tmp_path / "h")  # BatchNorm buffers: still a clean round trip
+    again = load_hypernet(tmp_path / "h")
+    images = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        a, b = hypernet.eval()(images), again.eval()(images)
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_the_encoder_recipe_trains_resumes_exactly_and_exports_a_transformers_folder(tmp_path):
