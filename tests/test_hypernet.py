@@ -266,3 +266,11 @@ def test_the_encoder_recipe_trains_resumes_exactly_and_exports_a_transformers_fo
     assert next(a.parameters()).dtype in (torch.float16, torch.float32)
     assert set(full["retrieval"]) == {"held_out_top1", "siblings_top1", "chance"}
     assert split["final_loss_mean_50"] == full["final_loss_mean_50"]
+
+
+def test_the_mini_encoder_by_name_says_how_to_make_it_when_absent(tiny_base, tmp_path, monkeypatch):
+    from hyperbooth.hypernet import model
+
+    monkeypatch.setitem(model.BUILT_IN_ENCODERS, "mini-encoder", tmp_path / "absent")
+    with pytest.raises(HyperboothError, match="not installed; train it"):
+        _hypernet(tiny_base, encoder="mini-encoder")

@@ -7,8 +7,8 @@
 
 The encoder is any transformers vision model given by name or local path (ViT, CLIP vision,
 DINOv2...: its last_hidden_state tokens; a convolutional net's feature map, one token per
-cell), frozen by default; for `mini`, either a small ViT trained from scratch with the rest or
-the shipped identity encoder `mini-encoder`. The predicted tensors are keyed exactly as the adapter's own
+cell), frozen by default; for `mini`, a small ViT trained from scratch with the rest (or the
+identity encoder `mini-encoder`, which its recipe writes). The predicted tensors are keyed exactly as the adapter's own
 (`<component>.<path>.lidb_a_train`), so they load, save and export like any fitted LiDB.
 """
 
@@ -25,8 +25,9 @@ from hyperbooth.adapters.config import AdapterConfig
 from hyperbooth.errors import HyperboothError
 
 SCRATCH_VIT = "scratch-vit"  # a small ViT with random weights, trained with the hypernetwork
-# Encoders that ship with the package, by name: mini's identity encoder (a transformers ResNet
-# trained contrastively on the miniature world; hyperbooth.miniworld.train_encoder).
+# Encoders known by name: mini's identity encoder (a transformers ResNet trained contrastively
+# on the miniature world). It is not shipped (it did not beat the scratch ViT, docs/
+# HYPERDREAMBOOTH.md); `python -m hyperbooth.miniworld.train_encoder` writes it to this folder.
 BUILT_IN_ENCODERS = {
     "mini-encoder": Path(__file__).parents[1] / "miniworld" / "weights" / "mini-encoder"
 }
@@ -90,6 +91,11 @@ def build_encoder(config: HyperNetConfig) -> tuple[nn.Module, int]:
         )
         return ViTModel(vit, add_pooling_layer=False), config.encoder_width
     source = BUILT_IN_ENCODERS.get(config.encoder, config.encoder)
+    if config.encoder in BUILT_IN_ENCODERS and not Path(source, "config.json").is_file():
+        raise HyperboothError(
+            f"the {config.encoder} encoder is not installed; train it with "
+            f"`python -m hyperbooth.miniworld.train_encoder --work runs/encoder` (writes {source})"
+        )
     try:
         model = AutoModel.from_pretrained(source, use_safetensors=True)
     except (OSError, ValueError) as error:

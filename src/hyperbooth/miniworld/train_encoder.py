@@ -4,10 +4,11 @@ A small transformers ResNet (`ResNetModel`, 1.2M parameters) learns, with a cont
 and no trait labels, to map two renders of one identity in different contexts (background,
 style, headwear, framing, pose) close together and renders of different identities apart.
 Half of every batch are "siblings": identities that differ from another in the batch in only
-one or two traits, hidden ones included, so that near look-alikes must be told apart. The
-hypernetwork of `mini` reads faces through it, frozen (METHOD 3.2: a pretrained encoder); the
-judges are a separate network trained on trait labels, so the encoder never sees what they
-score against.
+one or two traits, hidden ones included, so that near look-alikes must be told apart. A
+hypernetwork reads faces through it, frozen, with `encoder="mini-encoder"` (METHOD 3.2: a
+pretrained encoder); the judges are a separate network trained on trait labels, so the encoder
+never sees what they score against. It is not shipped: on `mini` it did not beat a ViT trained
+from scratch with the hypernetwork (docs/HYPERDREAMBOOTH.md).
 
     python -m hyperbooth.miniworld.train_encoder --work runs/encoder \\
         --out src/hyperbooth/miniworld/weights/mini-encoder
