@@ -111,6 +111,21 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 CHECKPOINT_DIR = "checkpoint"
 
 
+def make_adamw(params: list[torch.Tensor], lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW in its fastest form for these tensors: fused on CPU and CUDA, else foreach or loop.
+
+    Measured here (2 cores, float32): one step over SD1.5's UNet (860M numbers) takes 0.66 s
+    fused, 3.1 s foreach and 4.4 s as torch's CPU default (a Python loop); over mini's UNet,
+    11, 40 and 48 ms. Fused also needs no temporaries as large as all the tensors, which
+    foreach does (a full fine-tune of ~1B numbers cannot afford those).
+    """
+    floats = (torch.float32, torch.float16, torch.bfloat16)
+    if all(p.device.type in ("cpu", "cuda") and p.dtype in floats for p in params):
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    foreach = sum(p.numel() for p in params) < FOREACH_MAX_NUMBERS
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=foreach)
+
+
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     """Split an optimizer state dict into tensors (for safetensors) and the rest (for JSON)."""
     state = optimizer.state_dict()
@@ -220,11 +235,7 @@ def train(
     trainable = method.trainable()
     params = list(trainable.values())
     lr = config.learning_rate if config.learning_rate is not None else method.default_learning_rate
-    # foreach runs one kernel per op over all tensors instead of a Python loop: faster for the
-    # hundreds of small adapter tensors, but it allocates temporaries as large as all of them,
-    # which a full fine-tune of ~1B numbers cannot afford.
-    foreach = sum(p.numel() for p in params) < FOREACH_MAX_NUMBERS
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay, foreach=foreach)
+    optimizer = make_adamw(params, lr, config.weight_decay)
     scaler = torch.amp.GradScaler("cuda") if config.mixed_precision == "fp16" else None
     # Settings a resumed run must share; steps and checkpoint cadence may change (to extend a run).
     loop = {
