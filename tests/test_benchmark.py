@@ -96,12 +96,18 @@ def test_bad_benchmark_specs_are_one_line_errors(tmp_path):
     assert cli(["benchmark", "--base", "tiny-random", *bad_rate]) == 2
 
 
-def test_a_plan_runs_named_rows_with_their_own_settings_and_guards_changed_rows(tmp_path):
+def _one_red_subject(tmp_path):
+    """A subjects folder with one subject (a red square) and a one-prompt file."""
     subjects = tmp_path / "subjects"
     (subjects / "red").mkdir(parents=True)
     Image.new("RGB", (32, 32), (200, 30, 30)).save(subjects / "red" / "photo.png")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a {} in the snow\n")
+    return subjects, prompts
+
+
+def test_a_plan_runs_named_rows_with_their_own_settings_and_guards_changed_rows(tmp_path):
+    subjects, prompts = _one_red_subject(tmp_path)
     rows = [
         {"name": "lidb-r1", "method": "lidb", "steps": 2},
         {"name": "lidb-r2-convs", "method": "lidb", "steps": 3, "learning_rate": 1e-2,
@@ -151,11 +157,7 @@ def test_hyperdreambooth_ablations_are_rows_of_the_same_table(tmp_path):
     torch.manual_seed(0)
     sizes = {"image_size": 32, "encoder_width": 16, "encoder_layers": 1, "width": 16, "heads": 2}
     save_hypernet(HyperNetwork(HyperNetConfig(adapter=adapter, **sizes), layers), tmp_path / "h")
-    subjects = tmp_path / "subjects"
-    (subjects / "red").mkdir(parents=True)
-    Image.new("RGB", (32, 32), (200, 30, 30)).save(subjects / "red" / "photo.png")
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a {} in the snow\n")
+    subjects, prompts = _one_red_subject(tmp_path)
     rows = [
         {"name": "hdb", "method": "hyperdreambooth", "steps": 2, "adapter": {"rank": 2}},
         {"name": "hdb-only", "method": "hyperdreambooth", "hypernet": {"fine_tune": False}},
