@@ -448,12 +448,12 @@ def _figures(rows: list[dict], results: list[dict], config: BenchmarkConfig, out
             axis.bar(np.arange(len(scores)) + k * width, values, width, label=r["method"])
         axis.set_xticks(np.arange(len(scores)) + 0.4 - width / 2, scores)
         axis.set_ylim(0, 1)
-        axis.legend(fontsize=8)
+        axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
         axis.set_title("scores (mean over subjects)")
         figure.tight_layout()
         figure.savefig(out / "scores.png", dpi=100)
         pyplot.close(figure)
-    figure, axes = pyplot.subplots(1, 2, figsize=(10, 3.5))
+    figure, axes = pyplot.subplots(1, 2, figsize=(max(10, 1.1 * len(rows)), 4))
     axes[0].bar(names, [r["fit_seconds"] for r in rows], label="personalise")
     axes[0].bar(
         names,
@@ -467,7 +467,8 @@ def _figures(rows: list[dict], results: list[dict], config: BenchmarkConfig, out
     axes[1].set_yscale("log")
     axes[1].set_ylabel("stored bytes per subject")
     for axis in axes:
-        axis.tick_params(axis="x", rotation=30, labelsize=8)
+        axis.tick_params(axis="x", labelsize=8)
+        pyplot.setp(axis.get_xticklabels(), rotation=40, ha="right", rotation_mode="anchor")
     figure.tight_layout()
     figure.savefig(out / "cost.png", dpi=100)
     pyplot.close(figure)
