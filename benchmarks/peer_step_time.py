@@ -81,17 +81,16 @@ else:
 
 def prepare(base: str, work: Path) -> tuple[Path, Path, int]:
     """The base as a float32 diffusers folder, a one-image folder, and the resolution."""
-    sys.path.insert(0, str(ROOT / "src"))
+    if str(ROOT / "src") not in sys.path:
+        sys.path.insert(0, str(ROOT / "src"))
     import torch
     from PIL import Image
 
     from hyperbooth.bases import load_base, save_base
 
     folder, images = work / "bases" / base, work / "images" / base
-    loaded = None
     if not (folder / "model_index.json").is_file():
-        loaded = load_base(base, dtype=torch.float32)
-        save_base(loaded, folder)
+        save_base(load_base(base, dtype=torch.float32), folder)
     resolution = json.loads((folder / "unet" / "config.json").read_text())["sample_size"]
     resolution *= 2 ** (len(json.loads((folder / "vae" / "config.json").read_text())[
         "block_out_channels"]) - 1)  # fmt: skip
@@ -101,7 +100,6 @@ def prepare(base: str, work: Path) -> tuple[Path, Path, int]:
         picture.convert("RGB").resize((resolution, resolution), Image.BICUBIC).save(
             images / "subject.png"
         )
-    del loaded
     return folder, images, resolution
 
 

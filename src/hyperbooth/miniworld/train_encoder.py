@@ -31,11 +31,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from hyperbooth.adapters.files import atomic_save_safetensors
 from hyperbooth.atomic import write_text
 from hyperbooth.errors import run_module
 from hyperbooth.miniworld import recipe_from_json
@@ -49,6 +47,7 @@ from hyperbooth.miniworld.render import (
     random_identity,
     render_array,
 )
+from hyperbooth.training import CHECKPOINT_DIR, load_checkpoint, save_checkpoint
 
 ENCODER_FOLDER = Path(__file__).parent / "weights" / "mini-encoder"
 INFO_FILE = "encoder.json"
@@ -194,48 +193,34 @@ def train_encoder(
     )
     modules = nn.ModuleDict({"encoder": encoder, "head": head})
     optimizer = torch.optim.AdamW(modules.parameters(), lr=recipe.lr, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, recipe.steps) / recipe.steps))
-    )
-    checkpoint = work / "checkpoint"
-    state_file = checkpoint / "state.json"
+    tensors = modules.state_dict(keep_vars=True)  # weights and BatchNorm statistics
+    run_info = json.loads(json.dumps(asdict(recipe)))
+    progress_file = work / "progress.json"  # losses and seconds, written before each checkpoint
+    work.mkdir(parents=True, exist_ok=True)
     start, seconds, losses = 0, 0.0, []
-    if state_file.is_file():
-        state = json.loads(state_file.read_text())
-        modules.load_state_dict(load_file(str(checkpoint / "modules.safetensors")))
-        moments = load_file(str(checkpoint / "moments.safetensors"))
-        for index, parameter in enumerate(modules.parameters()):
-            optimizer.state[parameter] = {
-                name: moments[f"{index}.{name}"] for name in ("step", "exp_avg", "exp_avg_sq")
-            }
-        schedule.load_state_dict(state["schedule"])
-        for group, lr in zip(optimizer.param_groups, schedule.get_last_lr(), strict=True):
-            group["lr"] = lr
-        start, seconds, losses = state["step"], state["seconds"], state["losses"]
+    if (work / CHECKPOINT_DIR / "state.json").is_file():
+        start = load_checkpoint(work, tensors, optimizer, run_info)
+        saved = json.loads(progress_file.read_text())
+        seconds, losses = saved["seconds"], saved["losses"][:start]
     bar = tqdm(total=recipe.steps, initial=start, desc="encoder", disable=not progress)
     began = time.perf_counter() - seconds
     for step in range(start, min(recipe.steps, stop_at or recipe.steps)):
         modules.train()
+        for group in optimizer.param_groups:  # cosine decay over the run
+            group["lr"] = recipe.lr * 0.5 * (1 + math.cos(math.pi * step / recipe.steps))
         images, count = contrastive_batch(step, recipe)
         with torch.autocast("cpu", torch.bfloat16, enabled=recipe.mixed_precision == "bf16"):
             loss = info_nce(head(pooled(encoder, images)), count, recipe.temperature)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        schedule.step()
         losses.append(loss.item())
         bar.update()
         bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
         if (step + 1) % recipe.checkpoint_every == 0 or step + 1 in (recipe.steps, stop_at):
-            _save_checkpoint(
-                modules,
-                optimizer,
-                schedule,
-                checkpoint,
-                step + 1,
-                time.perf_counter() - began,
-                losses,
-            )
+            elapsed = time.perf_counter() - began
+            write_text(progress_file, json.dumps({"seconds": elapsed, "losses": losses}))
+            save_checkpoint(work, step + 1, tensors, optimizer, run_info)
     bar.close()
     if stop_at is not None and stop_at < recipe.steps:
         return None
@@ -251,30 +236,6 @@ def train_encoder(
     }
     save_encoder(encoder, out, info)
     return info
-
-
-def _save_checkpoint(
-    modules: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    schedule: torch.optim.lr_scheduler.LRScheduler,
-    folder: Path,
-    step: int,
-    seconds: float,
-    losses: list[float],
-) -> None:
-    """Weights and AdamW moments as safetensors, the rest as JSON (state.json last)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_save_safetensors(
-        {k: v.contiguous() for k, v in modules.state_dict().items()},
-        folder / "modules.safetensors",
-    )
-    moments = {}
-    for index, parameter in enumerate(modules.parameters()):
-        for name, value in optimizer.state[parameter].items():
-            moments[f"{index}.{name}"] = value.contiguous()
-    atomic_save_safetensors(moments, folder / "moments.safetensors")
-    state = {"step": step, "seconds": seconds, "losses": losses, "schedule": schedule.state_dict()}
-    write_text(folder / "state.json", json.dumps(state))
 
 
 def main() -> None:
