@@ -43,7 +43,17 @@ DEFAULT_STEPS = {
     "textual-inversion": 1000,
     "custom-diffusion": 250,
 }
-SCORES = ("judge_identity", "judge_hidden", "judge_prompt", "clip_t", "clip_i", "dino", "div")
+SCORES = (
+    "judge_identity",
+    "judge_hidden",
+    "judge_prompt",
+    "face",
+    "face_detection_rate",
+    "clip_t",
+    "clip_i",
+    "dino",
+    "div",
+)
 
 
 HYPERNET_OPTIONS = ("use_hypernet", "fine_tune", "iterations")
@@ -110,6 +120,7 @@ class BenchmarkConfig:
     hypernet: str | None = None
     clip: str | None = None  # None: no CLIP scores
     dino: str | None = None
+    face: str | None = None  # FaceNet weights (facenet-pytorch); None: no face similarity
     seed: int = 0
     device: str = "auto"
 
@@ -323,7 +334,10 @@ def run_cell(
             index.append(p)
     generated = Generated(images, index, [])
     references = [Image.open(p).convert("RGB") for p in subject.images]
-    scores = evaluate(generated, references, texts, *scorers, token=config.word(method))
+    clip, dino, face = scorers
+    scores = evaluate(
+        generated, references, texts, clip, dino, token=config.word(method), face=face
+    )
     if subject.info is not None:
         scores |= judge_scores(generated, subject.info, texts, config.word(method), judge)
     result = {
@@ -351,13 +365,14 @@ def run_benchmark(
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
-    from hyperbooth.evaluation import ClipScorer, DinoScorer
+    from hyperbooth.evaluation import ClipScorer, DinoScorer, FaceScorer
 
     out = Path(out)
     state = PartialState()
     scorers = (
         ClipScorer(config.clip) if config.clip else None,
         DinoScorer(config.dino) if config.dino else None,
+        FaceScorer(config.face) if config.face else None,
     )
     cells = [(m, s) for m in config.methods for s in subjects]
     mine = cells[state.process_index :: state.num_processes]

@@ -369,6 +369,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from hyperbooth.evaluation import (
         ClipScorer,
         DinoScorer,
+        FaceScorer,
         evaluate,
         judge_scores,
         mini_real_images,
@@ -381,6 +382,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     references = _open_images(args.references)
     clip = None if args.no_clip else ClipScorer(args.clip)
     dino = None if args.no_dino else DinoScorer(args.dino)
+    face = FaceScorer(args.face, detect=not args.face_no_detect) if args.face else None
     class_images = _open_images(args.class_images) if args.class_images else None
     real = None
     if args.real and args.real.startswith("mini:"):
@@ -390,8 +392,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
         real = mini_real_images(int(count))
     elif args.real:
         real = _open_images([args.real])
-    report = evaluate(generated, references, prompts, clip, dino, args.token, class_images, real)
-    report |= {"clip_model": args.clip if clip else None, "dino_model": args.dino if dino else None}
+    report = evaluate(
+        generated, references, prompts, clip, dino, args.token, class_images, real, face
+    )
+    report |= {
+        "clip_model": args.clip if clip else None,
+        "dino_model": args.dino if dino else None,
+        "face_model": args.face,
+    }
     if args.mini_reference:
         report |= judge_scores(generated, args.mini_reference, prompts, args.token)
     if args.out:
@@ -445,6 +453,7 @@ def cmd_benchmark(args: argparse.Namespace) -> None:
         hypernet=args.hypernet,
         clip=args.clip,
         dino=args.dino,
+        face=args.face,
         seed=args.seed,
         device=args.device,
     )
@@ -854,6 +863,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-clip", action="store_true", help="skip CLIP-T and CLIP-I")
     p.add_argument("--no-dino", action="store_true", help="skip DINO and DIV")
     p.add_argument(
+        "--face",
+        default=None,
+        metavar="WEIGHTS",
+        help="add FaceNet face similarity: vggface2, casia-webface or an InceptionResnetV1 "
+        ".safetensors (needs facenet-pytorch: make faces-venv)",
+    )
+    p.add_argument(
+        "--face-no-detect",
+        action="store_true",
+        help="images are already cropped faces: skip MTCNN detection",
+    )
+    p.add_argument(
         "--class-images",
         nargs="+",
         default=None,
@@ -930,6 +951,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--clip", default=None, help="CLIP for CLIP-T/CLIP-I (hub id or folder)")
     p.add_argument("--dino", default=None, help="DINO ViT for DINO/DIV (hub id or folder)")
+    p.add_argument(
+        "--face",
+        default=None,
+        metavar="WEIGHTS",
+        help="FaceNet face similarity: vggface2, casia-webface or a .safetensors (make faces-venv)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_benchmark)
 

@@ -9,11 +9,16 @@
   references (DreamBooth's prior preservation: higher means the class drifted to the subject).
 - KID: kernel inception distance, on DINO features, against a folder of real images (on `mini`,
   fresh renders of held-out identities).
+- Face similarity: mean cosine between FaceNet embeddings (InceptionResnetV1, facenet-pytorch) of
+  the faces MTCNN finds in generated and reference images, with the detection rate beside it: an
+  image with no face found is left out of the mean and counted as a miss, never scored 0.
 - On the miniature world the judges add identity, hidden-trait and prompt scores.
 
 Backbones come from transformers (`CLIPModel`, `ViTModel`): a hub id in the local cache or a
 local folder. Preprocessing is written out here (resize the short side, centre crop, scale,
 normalise), so no image-processor backend (which would want torchvision) is involved.
+FaceNet is the exception: facenet-pytorch needs torchvision, so it lives outside the core install
+(`make faces-venv`).
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ from hyperbooth.errors import HyperboothError
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 DEFAULT_DINO = "facebook/dino-vits16"
+FACENET_WEIGHTS = ("vggface2", "casia-webface")  # facenet-pytorch's own downloads
+FACE_SIZE = 160  # InceptionResnetV1's input
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -134,6 +141,89 @@ class DinoScorer:
         return torch.cat(out).cpu()
 
 
+def _facenet(weights: str):
+    """facenet-pytorch's InceptionResnetV1 with named weights or a local safetensors state dict."""
+    from facenet_pytorch import InceptionResnetV1
+
+    if weights in FACENET_WEIGHTS:
+        try:
+            return InceptionResnetV1(pretrained=weights)
+        except (OSError, RuntimeError) as error:
+            raise HyperboothError(
+                f"cannot load FaceNet weights {weights!r} ({str(error).splitlines()[0][:120]}); "
+                "pass --face with a local .safetensors file of InceptionResnetV1's state dict "
+                "(docs/EVALUATION.md says how to make one)"
+            ) from None
+    path = Path(weights)
+    if path.suffix != ".safetensors" or not path.is_file():
+        raise HyperboothError(
+            f"--face {weights!r}: give {' or '.join(FACENET_WEIGHTS)} (downloaded by "
+            "facenet-pytorch) or an existing .safetensors file of InceptionResnetV1's state dict"
+        )
+    from safetensors.torch import load_file
+
+    state = {k: v for k, v in load_file(path).items() if not k.startswith("logits.")}
+    model = InceptionResnetV1()
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        raise HyperboothError(
+            f"{path} is not an InceptionResnetV1 state dict ({str(error).splitlines()[0][:120]})"
+        ) from None
+    return model
+
+
+class FaceScorer:
+    """FaceNet identity embeddings (unit length) of the face MTCNN finds in each image.
+
+    detect=False takes each image as an already cropped face (resized to 160x160).
+    """
+
+    def __init__(self, weights: str = "vggface2", device: str = "cpu", detect: bool = True):
+        try:
+            from facenet_pytorch import MTCNN
+        except ImportError:
+            raise HyperboothError(
+                "face similarity needs facenet-pytorch and torchvision, which the core install "
+                "leaves out: run `make faces-venv` and use .faces-venv/bin/hyperbooth "
+                "(docs/EVALUATION.md)"
+            ) from None
+        self.model = _facenet(weights).eval().to(device)
+        self.detector = (
+            MTCNN(image_size=FACE_SIZE, margin=0, post_process=False, device=device)
+            if detect
+            else None
+        )
+        self.device = device
+
+    def crop(self, image: Image.Image) -> torch.Tensor | None:
+        """(3, 160, 160) float pixels in [0, 255] of the largest face, or None if none is found."""
+        image = image.convert("RGB")
+        if self.detector is None:
+            resized = image.resize((FACE_SIZE, FACE_SIZE), Image.Resampling.BILINEAR)
+            return torch.from_numpy(np.asarray(resized, np.float32).copy()).permute(2, 0, 1)
+        with torch.no_grad():
+            face = self.detector(image)
+        return None if face is None else face.float().cpu()
+
+    @torch.no_grad()
+    def faces(
+        self, images: Sequence[Image.Image], batch: int = 32
+    ) -> tuple[torch.Tensor, list[bool]]:
+        """(M, 512) unit embeddings of the faces found, and for each image whether one was."""
+        crops = [self.crop(image) for image in images]
+        found = [c is not None for c in crops]
+        pixels = [c for c in crops if c is not None]
+        if not pixels:
+            return torch.zeros(0, 512), found
+        standard = (torch.stack(pixels) - 127.5) / 128.0  # facenet-pytorch's fixed standardisation
+        out = [
+            _unit(self.model(standard[start : start + batch].to(self.device)))
+            for start in range(0, len(standard), batch)
+        ]
+        return torch.cat(out).cpu(), found
+
+
 def mean_cross_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     """Mean cosine over every (row of a, row of b) pair of unit embeddings."""
     return float((a @ b.T).mean())
@@ -223,12 +313,14 @@ def evaluate(
     token: str | None = None,
     class_images: Sequence[Image.Image] | None = None,
     real_images: Sequence[Image.Image] | None = None,
+    face: FaceScorer | None = None,
 ) -> dict:
-    """CLIP-T, CLIP-I, DINO and DIV of generated images against references and prompts.
+    """CLIP-T, CLIP-I, DINO, DIV and face similarity of generated images against references.
 
     token: the subject's identifier, removed from prompts before CLIP-T (CLIP has never seen it).
     class_images (drawn after fine-tuning from the class prompt) add PRES; real_images add KID
-    (both on DINO features).
+    (both on DINO features). Face similarity averages over the images with a face found, and
+    face_detection_rate says what share that was.
     """
     report: dict = {"images": len(generated.images), "references": len(references)}
     texts = [" ".join(w for w in p.split() if w != token) if token else p for p in prompts]
@@ -250,7 +342,27 @@ def evaluate(
             report["kid"] = kid(embeddings, dino.images(list(real_images)))
     elif class_images or real_images:
         raise HyperboothError("PRES and KID use DINO features: drop --no-dino")
+    if face is not None:
+        report |= face_similarity(face, generated.images, references)
     return report
+
+
+def face_similarity(
+    face: FaceScorer, images: Sequence[Image.Image], references: Sequence[Image.Image]
+) -> dict:
+    """Mean FaceNet cosine of generated to reference faces, with the detection rates."""
+    references_e, references_found = face.faces(list(references))
+    if not any(references_found):
+        raise HyperboothError(
+            "no face found in any reference image: pass references that show a face, or "
+            "--face-no-detect if every image is already a cropped face"
+        )
+    embeddings, found = face.faces(list(images))
+    return {
+        "face": mean_cross_cosine(embeddings, references_e) if len(embeddings) else None,
+        "face_detection_rate": float(np.mean(found)) if found else None,
+        "face_references_detected": int(sum(references_found)),
+    }
 
 
 def mini_real_images(count: int, seed: int = 0) -> list[Image.Image]:
