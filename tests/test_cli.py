@@ -225,3 +225,18 @@ def test_lora_trains_on_a_bfloat16_base(tmp_path, photo_dir, capsys):
     assert np.isfinite(loss)
     tensors = load_file(str(out / "adapter.safetensors"))
     assert {t.dtype for t in tensors.values()} == {__import__("torch").float32}
+
+
+def test_importing_the_pipelines_prints_no_torchvision_notice():
+    # diffusers' pipeline imports make transformers say "install torchvision"; the core install
+    # leaves it out on purpose, so hyperbooth drops that one notice (and nothing else).
+    code = (
+        "import hyperbooth.generate, hyperbooth.bases, diffusers; diffusers.StableDiffusionPipeline"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert "torchvision" not in result.stderr, result.stderr
+    bare = "import diffusers; diffusers.StableDiffusionPipeline"
+    without = subprocess.run([sys.executable, "-c", bare], capture_output=True, text=True)
+    assert "requires torchvision (not installed)" in without.stderr  # the notice it drops exists
