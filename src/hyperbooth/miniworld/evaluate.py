@@ -678,6 +678,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     hyper.add_argument("--iterations", type=int, default=None, help="K refinement steps")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--guidance", type=float, default=7.5, help="obedience: CFG scale")
+    parser.add_argument(
+        "--sampling-steps", type=int, default=20, help="obedience: DPM-Solver++ steps"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--count", type=int, default=1000, help="identities: how many")
     args = parser.parse_args(argv)
@@ -693,7 +696,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         report = conditioning_gain(base, seed=args.seed)
     elif args.what == "obedience":
         report = obedience(
-            base, judge, args.prompts, args.pair_prompts, args.seed, guidance=args.guidance
+            base,
+            judge,
+            args.prompts,
+            args.pair_prompts,
+            args.seed,
+            steps=args.sampling_steps,
+            guidance=args.guidance,
         )
     elif args.what == "two-concepts":
         config = TwoConceptConfig(
