@@ -167,3 +167,19 @@ def test_benchmark_scores_faces(facenet, tmp_path):
     # tiny-random draws noise: no face is found, which is a detection rate of 0, not a score of 0
     assert scores["face_detection_rate"] == 0.0 and scores["face"] is None
     assert "face_detection_rate" in (out / "table.md").read_text()
+
+
+@needs_facenet
+def test_benchmark_refuses_a_subject_without_a_face_before_fitting(facenet, tmp_path, capsys):
+    path, _ = facenet
+    subject = tmp_path / "subjects" / "noise"
+    subject.mkdir(parents=True)
+    _noise().save(subject / "photo.png")
+    (tmp_path / "prompts.txt").write_text("a {} in the snow\n")
+    args = ["benchmark", "--base", "tiny-random", "--device", "cpu", "--methods", "lidb"]
+    args += ["--subjects", str(tmp_path / "subjects"), "--prompts", str(tmp_path / "prompts.txt")]
+    args += ["--face", str(path), "--out", str(tmp_path / "bench")]
+    assert cli(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "subject 'noise': no face found" in err and "\n" not in err
+    assert not (tmp_path / "bench" / "cells").exists()

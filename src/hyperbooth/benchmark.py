@@ -376,6 +376,14 @@ def run_benchmark(
     )
     cells = [(m, s) for m in config.methods for s in subjects]
     mine = cells[state.process_index :: state.num_processes]
+    if scorers[2] is not None:  # fail before any fitting, not after the first cell's
+        for subject in {s.name: s for _, s in mine}.values():
+            references = [Image.open(p).convert("RGB") for p in subject.images]
+            if not any(scorers[2].faces(references)[1]):
+                raise HyperboothError(
+                    f"subject {subject.name!r}: no face found in its photos, so --face cannot "
+                    "score it; drop --face or give photos that show a face"
+                )
     judge = None
     if any(s.info is not None for _, s in mine):
         from hyperbooth.miniworld.judges import Judge
