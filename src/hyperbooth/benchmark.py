@@ -376,10 +376,11 @@ def run_benchmark(
     )
     cells = [(m, s) for m in config.methods for s in subjects]
     mine = cells[state.process_index :: state.num_processes]
-    if scorers[2] is not None:  # fail before any fitting, not after the first cell's
+    face = scorers[2]
+    if face is not None:  # fail before any fitting, not after the first cell's; detection only
         for subject in {s.name: s for _, s in mine}.values():
-            references = [Image.open(p).convert("RGB") for p in subject.images]
-            if not any(scorers[2].faces(references)[1]):
+            references = (Image.open(p) for p in subject.images)
+            if all(face.crop(image) is None for image in references):
                 raise HyperboothError(
                     f"subject {subject.name!r}: no face found in its photos, so --face cannot "
                     "score it; drop --face or give photos that show a face"

@@ -116,8 +116,9 @@ def make_adamw(params: list[torch.Tensor], lr: float, weight_decay: float) -> to
 
     Measured here (2 cores, float32; benchmarks/adamw_step.py, two runs): one step over SD1.5's
     UNet (860M numbers) takes 0.66-0.71 s fused, 3.1-3.7 s foreach and 4.3-4.4 s as torch's CPU
-    default (a Python loop); over mini's UNet, 11-15, 40-53 and 48-49 ms. Fused also needs no temporaries as large as all the tensors, which
-    foreach does (a full fine-tune of ~1B numbers cannot afford those).
+    default (a Python loop); over mini's UNet, 11-15, 40-53 and 48-49 ms. Fused also needs no
+    temporaries as large as all the tensors, which foreach does (a full fine-tune of ~1B numbers
+    cannot afford those).
     """
     floats = (torch.float32, torch.float16, torch.bfloat16)
     if all(p.device.type in ("cpu", "cuda") and p.dtype in floats for p in params):
