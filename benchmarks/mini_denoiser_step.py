@@ -1,6 +1,7 @@
 """Time one training step of the mini denoiser under several settings (where the second goes).
 
 python benchmarks/mini_denoiser_step.py --out docs/mini_denoiser_step.json
+python benchmarks/mini_denoiser_step.py --compile --out docs/mini_denoiser_step_compile.json
 """
 
 from __future__ import annotations
@@ -44,20 +45,45 @@ def _step(unet, text, optimizer, latents, ids, precision: str):
     return step
 
 
+def _compiled(unet, text, optimizer, config: MiniConfig, repeats: int) -> dict:
+    """Step times of the eager UNet and of torch.compile's, and the first compiled step's time."""
+    latents = torch.randn(32, config.latent_channels, 16, 16)
+    ids = torch.randint(0, 49000, (32, 77))
+    eager = _time(_step(unet, text, optimizer, latents, ids, "fp32"), repeats)
+    compiled = _step(torch.compile(unet), text, optimizer, latents, ids, "fp32")
+    start = time.perf_counter()
+    compiled()
+    first = time.perf_counter() - start
+    seconds = _time(compiled, repeats)
+    results = {
+        "batch32_tokens77_fp32_eager": {"seconds": eager, "samples_per_second": 32 / eager},
+        "batch32_tokens77_fp32_compiled": {"seconds": seconds, "samples_per_second": 32 / seconds},
+        "first_compiled_step_seconds": first,
+        "torch": torch.__version__,
+    }
+    print(f"eager {eager:.3f} s, compiled {seconds:.3f} s, first compiled step {first:.0f} s")
+    return results
+
+
 def main() -> None:
     """Print and write step times of the mini UNet (forward+backward+AdamW) per setting."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default=None)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="instead: batch 32, fp32, eager against torch.compile (inductor), compile time included",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     config = MiniConfig()
     base = build_models(config)
     unet, text = base.unet.train(), base.text_encoder.eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4, fused=True)
-    results = {}
-    for batch in (32, 64):
+    results = _compiled(unet, text, optimizer, config, args.repeats) if args.compile else {}
+    for batch in () if args.compile else (32, 64):
         for tokens in (77, 24):
             for precision in ("fp32", "bf16"):
                 for layout in ("contiguous", "channels_last"):
@@ -76,7 +102,8 @@ def main() -> None:
                         f"{key:45s} {seconds:.3f} s  {batch / seconds:6.1f} samples/s", flush=True
                     )
     if args.out:
-        results["command"] = "python benchmarks/mini_denoiser_step.py --out " + args.out
+        flag = "--compile " if args.compile else ""
+        results["command"] = f"python benchmarks/mini_denoiser_step.py {flag}--out {args.out}"
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
 

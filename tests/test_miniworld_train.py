@@ -69,3 +69,38 @@ def test_the_mini_schedule_has_zero_terminal_snr_and_keeps_weight_there():
     assert float(scheduler.alphas_cumprod[-1]) < 1e-6  # no signal left at t=999
     weights = snr_weights(scheduler, torch.tensor([0, 500, 999]), gamma=5.0)
     assert weights[2] == 1.0 and weights[0] < 0.01  # pure noise keeps full weight
+
+
+def test_text_time_embedding_and_denser_captions_still_make_a_plain_sd_folder(tmp_path):
+    import numpy as np
+
+    from hyperbooth.miniworld.captions import sample_caption
+
+    config = tmp_path / "toy.json"
+    toy = {**TOY, "unet_text_time_embedding": True, "caption_mention_probability": 0.9}
+    config.write_text(json.dumps(toy))
+    out = tmp_path / "model"
+    main(["--work", str(tmp_path / "work"), "--out", str(out), "--config", str(config)])
+    base = load_base(str(out))
+    assert base.unet.config.addition_embed_type == "text"
+    pipe = StableDiffusionPipeline.from_pretrained(str(out), safety_checker=None)
+    image = pipe("a face with red hair", num_inference_steps=2, output_type="np").images[0]
+    assert image.shape == (64, 64, 3) and np.isfinite(image).all()
+    # The pooled caption is added to the time embedding: two prompts, two different additions.
+    ids = base.tokenizer(
+        ["a face with red hair", "a face on a blue background"],
+        padding="max_length",
+        max_length=77,
+        return_tensors="pt",
+    ).input_ids
+    with torch.no_grad():
+        aug = base.unet.add_embedding(base.text_encoder(ids)[0])
+    assert not torch.allclose(aug[0], aug[1])
+
+    def named(p: float) -> float:
+        rng = np.random.default_rng(0)
+        return np.mean(
+            [len(sample_caption(rng, mention_probability=p).mentioned) for _ in range(400)]
+        )
+
+    assert named(0.9) > 1.5 * named(0.5)

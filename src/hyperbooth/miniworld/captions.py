@@ -334,7 +334,10 @@ def training_identity(rng: np.random.Generator) -> Identity:
 
 
 def _sample_described(
-    rng: np.random.Generator, pair_probability: float, bare_probability: float
+    rng: np.random.Generator,
+    pair_probability: float,
+    bare_probability: float,
+    mention_probability: float = MENTION_PROBABILITY,
 ) -> tuple[tuple[Identity, ...], Context, int, Caption]:
     """The identities, context, seed and caption of one training example (nothing rendered)."""
     context = random_context(rng)
@@ -343,28 +346,32 @@ def _sample_described(
         a, b = training_identity(rng), training_identity(rng)
         # Pairs are always drawn at the far-away size; the context says so.
         context = Context(**{**context.as_dict(), "framing": _FRAMING_WORDS.index("far away")})
-        return (a, b), context, seed, pair_caption(a, b, context, rng, bare_probability)
+        described = pair_caption(a, b, context, rng, bare_probability, mention_probability)
+        return (a, b), context, seed, described
     identity = training_identity(rng)
-    return (identity,), context, seed, caption(identity, context, rng, bare_probability)
+    described = caption(identity, context, rng, bare_probability, mention_probability)
+    return (identity,), context, seed, described
 
 
 def sample_caption(
     rng: np.random.Generator,
     pair_probability: float = PAIR_PROBABILITY,
     bare_probability: float = BARE_PROBABILITY,
+    mention_probability: float = MENTION_PROBABILITY,
 ) -> Caption:
     """A training caption and what it names, drawn as sample_training_example draws it."""
-    return _sample_described(rng, pair_probability, bare_probability)[3]
+    return _sample_described(rng, pair_probability, bare_probability, mention_probability)[3]
 
 
 def sample_training_example(
     rng: np.random.Generator,
     pair_probability: float = PAIR_PROBABILITY,
     bare_probability: float = BARE_PROBABILITY,
+    mention_probability: float = MENTION_PROBABILITY,
 ) -> tuple[np.ndarray, str, ExampleInfo]:
     """A (64, 64, 3) uint8 image, its caption and what it shows: one face, or sometimes two."""
     identities, context, seed, described = _sample_described(
-        rng, pair_probability, bare_probability
+        rng, pair_probability, bare_probability, mention_probability
     )
     if len(identities) == 2:
         image = render_pair_array(*identities, context, seed)

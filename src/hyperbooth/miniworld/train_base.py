@@ -39,7 +39,11 @@ from hyperbooth.bases import (
     save_base,
 )
 from hyperbooth.diffusion import noised_loss
-from hyperbooth.miniworld.captions import sample_caption, sample_training_example
+from hyperbooth.miniworld.captions import (
+    MENTION_PROBABILITY,
+    sample_caption,
+    sample_training_example,
+)
 from hyperbooth.miniworld.render import CONTEXT_ATTRIBUTES, NAMEABLE_TRAITS, SIZE
 
 
@@ -65,6 +69,9 @@ class MiniConfig:
     vae_kl_weight: float = 1e-6
     # Training set, rendered once and cached as latents.
     examples: int = 100_000
+    # How often a training caption names each attribute (0.5 up to v3). The text stage keeps
+    # captions.MENTION_PROBABILITY: it learns to read any subset.
+    caption_mention_probability: float = MENTION_PROBABILITY
     # Text encoder: a small CLIP text tower over CLIP's full BPE vocabulary. SD's text encoder
     # comes pretrained and frozen; ours is first taught to say which attributes a caption names
     # (a head per attribute on the pooled output), then frozen for the denoiser, like SD's.
@@ -81,6 +88,10 @@ class MiniConfig:
     unet_channels: tuple[int, ...] = (48, 96, 192)
     unet_layers_per_block: int = 1
     unet_heads: int = 4
+    # The caption's pooled state added to the time embedding, so every ResNet block (where a face
+    # lives, docs/MINIWORLD.md) sees the prompt, not only the cross-attention layers: diffusers'
+    # addition_embed_type="text" (as in DeepFloyd IF); StableDiffusionPipeline still runs it.
+    unet_text_time_embedding: bool = False
     denoiser_steps: int = 3000
     denoiser_batch: int = 32
     denoiser_lr: float = 1e-3
@@ -141,6 +152,8 @@ def build_models(config: MiniConfig) -> Base:
         cross_attention_dim=config.text_hidden,
         attention_head_dim=config.unet_heads,
         norm_num_groups=min(32, config.unet_channels[0] // 2),
+        addition_embed_type="text" if config.unet_text_time_embedding else None,
+        addition_embed_type_num_heads=config.unet_heads,
     )
     scheduler = DDPMScheduler(
         **{
@@ -158,11 +171,13 @@ def _autocast(precision: str):
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
-def _batch_images(rng: np.random.Generator, n: int) -> tuple[torch.Tensor, list[str]]:
+def _batch_images(
+    rng: np.random.Generator, n: int, mention_probability: float = MENTION_PROBABILITY
+) -> tuple[torch.Tensor, list[str]]:
     """n fresh training renders as (n, 3, 64, 64) in [-1, 1], with their captions."""
     images, captions = [], []
     for _ in range(n):
-        image, text, _ = sample_training_example(rng)
+        image, text, _ = sample_training_example(rng, mention_probability=mention_probability)
         images.append(image)
         captions.append(text)
     pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
@@ -367,7 +382,7 @@ def encode_dataset(base: Base, config: MiniConfig, work: Path) -> dict[str, torc
     rng = np.random.default_rng([config.seed, 3])
     chunk = 256
     for _ in tqdm(range(0, config.examples, chunk), desc="encode"):
-        pixels, captions = _batch_images(rng, chunk)
+        pixels, captions = _batch_images(rng, chunk, config.caption_mention_probability)
         with _autocast(config.mixed_precision):
             posterior = base.vae.encode(pixels).latent_dist
         means.append((posterior.mean.float() * scale).half())
