@@ -65,6 +65,30 @@ def _compiled(unet, text, optimizer, config: MiniConfig, repeats: int) -> dict:
     return results
 
 
+def _settings(unet, text, optimizer, config: MiniConfig, repeats: int) -> dict:
+    """Step times per batch size, text length, precision and memory layout."""
+    results = {}
+    for batch in (32, 64):
+        for tokens in (77, 24):
+            for precision in ("fp32", "bf16"):
+                for layout in ("contiguous", "channels_last"):
+                    last = layout == "channels_last"
+                    unet.to(memory_format=torch.channels_last if last else torch.contiguous_format)
+                    latents = torch.randn(batch, config.latent_channels, 16, 16)
+                    if last:
+                        latents = latents.to(memory_format=torch.channels_last)
+                    ids = torch.randint(0, 49000, (batch, tokens))
+
+                    step = _step(unet, text, optimizer, latents, ids, precision)
+                    seconds = _time(step, repeats)
+                    key = f"batch{batch}_tokens{tokens}_{precision}_{layout}"
+                    results[key] = {"seconds": seconds, "samples_per_second": batch / seconds}
+                    print(
+                        f"{key:45s} {seconds:.3f} s  {batch / seconds:6.1f} samples/s", flush=True
+                    )
+    return results
+
+
 def main() -> None:
     """Print and write step times of the mini UNet (forward+backward+AdamW) per setting."""
     parser = argparse.ArgumentParser(description=__doc__)
@@ -82,25 +106,8 @@ def main() -> None:
     base = build_models(config)
     unet, text = base.unet.train(), base.text_encoder.eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4, fused=True)
-    results = _compiled(unet, text, optimizer, config, args.repeats) if args.compile else {}
-    for batch in () if args.compile else (32, 64):
-        for tokens in (77, 24):
-            for precision in ("fp32", "bf16"):
-                for layout in ("contiguous", "channels_last"):
-                    last = layout == "channels_last"
-                    unet.to(memory_format=torch.channels_last if last else torch.contiguous_format)
-                    latents = torch.randn(batch, config.latent_channels, 16, 16)
-                    if last:
-                        latents = latents.to(memory_format=torch.channels_last)
-                    ids = torch.randint(0, 49000, (batch, tokens))
-
-                    step = _step(unet, text, optimizer, latents, ids, precision)
-                    seconds = _time(step, args.repeats)
-                    key = f"batch{batch}_tokens{tokens}_{precision}_{layout}"
-                    results[key] = {"seconds": seconds, "samples_per_second": batch / seconds}
-                    print(
-                        f"{key:45s} {seconds:.3f} s  {batch / seconds:6.1f} samples/s", flush=True
-                    )
+    measure = _compiled if args.compile else _settings
+    results = measure(unet, text, optimizer, config, args.repeats)
     if args.out:
         flag = "--compile " if args.compile else ""
         results["command"] = f"python benchmarks/mini_denoiser_step.py {flag}--out {args.out}"
