@@ -199,3 +199,41 @@ def test_file_materialises_without_the_base(tiny_base, config, tmp_path):
     standalone = read_adapter(tmp_path / "a.safetensors").materialize()
     for key, (down, up) in adapter.materialize().items():
         assert torch.equal(standalone[key][0], down) and torch.equal(standalone[key][1], up)
+
+
+def _unet_at(base, timestep: int) -> torch.Tensor:
+    """The UNet's output on fixed inputs, every element at one timestep."""
+    latents, _, hidden = unet_inputs(base)
+    with torch.no_grad():
+        return base.unet(latents, torch.tensor([timestep, timestep]), hidden).sample
+
+
+def test_switched_adapters_act_only_below_the_switch_timestep(tiny_base):
+    from hyperbooth.adapters.inject import switch_adapters
+
+    bare = {t: _unet_at(tiny_base, t) for t in (100, 700, 900)}
+    adapter = add_adapter(tiny_base, CONFIGS["lora-r2-conv"])
+    randomize(adapter)
+    adapted = {t: _unet_at(tiny_base, t) for t in bare}
+    text_on = outputs(tiny_base)[1]
+    with switch_adapters(tiny_base, below=800):
+        switched = {t: _unet_at(tiny_base, t) for t in (900, 100, 700, 900)}
+        text_switched = outputs(tiny_base)[1]
+    assert torch.equal(switched[900], bare[900])  # at or above the switch: the bare base
+    for t in (100, 700):
+        assert torch.equal(switched[t], adapted[t])
+        assert not torch.allclose(adapted[t], bare[t])
+    assert torch.equal(text_switched, text_on)  # text-encoder adapters stay on
+    # The hook is gone and the adapters are back on afterwards.
+    assert torch.equal(_unet_at(tiny_base, 900), adapted[900])
+    assert not tiny_base.unet._forward_pre_hooks
+
+
+def test_switch_refuses_merged_adapters(tiny_base):
+    from hyperbooth.adapters.inject import switch_adapters
+
+    adapter = add_adapter(tiny_base, CONFIGS["lora-r1"])
+    adapter.merge()
+    with pytest.raises(HyperboothError, match="merged"):
+        switch_adapters(tiny_base, below=800)
+    switch_adapters(tiny_base, below=None)  # no switch asked for: nothing to refuse

@@ -112,7 +112,7 @@ def test_a_plan_runs_named_rows_with_their_own_settings_and_guards_changed_rows(
         {"name": "lidb-r1", "method": "lidb", "steps": 2},
         {"name": "lidb-r2-convs", "method": "lidb", "steps": 3, "learning_rate": 1e-2,
          "adapter": {"rank": 2, "unet_targets": [r".*resnets\.\d+\.conv[12]"],
-                     "text_encoder_targets": []}},
+                     "text_encoder_targets": []}, "max_timestep": 600, "adapter_below": 800},
     ]  # fmt: skip
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps({"rows": rows}))
@@ -128,6 +128,11 @@ def test_a_plan_runs_named_rows_with_their_own_settings_and_guards_changed_rows(
     assert stored.config.rank == 2 and all(".resnets." in k for k in stored.tensors)
     result = json.loads((out / "cells" / "lidb-r2-convs" / "red" / "result.json").read_text())
     assert result["kind"] == "lidb" and result["row"]["steps"] == 3
+    assert result["row"]["max_timestep"] == 600 and result["row"]["adapter_below"] == 800
+    first_row = json.loads((out / "cells" / "lidb-r1" / "red" / "result.json").read_text())["row"]
+    assert (
+        "max_timestep" not in first_row
+    )  # unset options leave earlier cells' settings as they were
     assert "| lidb-r2-convs | 1 |" in (out / "table.md").read_text()
     rows[1]["steps"] = 4  # the same name with other settings must not reuse the old cell
     plan.write_text(json.dumps({"rows": rows}))

@@ -65,11 +65,12 @@ def test_train_generate_round_trip(tmp_path, photo_dir, capsys):
         grid = tmp_path / f"{name}.png"
         argv = ["generate", "--base", "tiny-random", "--adapter", f"{adapter}:0.5"]
         argv += ["--prompt", "a sks face", "--prompt", "a sks face in a hat", "--n", "2"]
-        argv += ["--steps", "3", "--seed", "7", "--out", str(grid)]
+        argv += ["--steps", "3", "--seed", "7", "--out", str(grid), "--adapter-below", "900"]
         assert main(argv) == 0
         grids.append(np.asarray(Image.open(grid)))
         record = json.loads(grid.with_suffix(".json").read_text())
         assert record["adapters"] == [{"path": str(adapter), "weight": 0.5}]
+        assert record["adapter_below"] == 900
     assert np.array_equal(grids[0], grids[1])
 
     for fmt, target in (

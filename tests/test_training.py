@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from hyperbooth.adapters.config import AdapterConfig
+from hyperbooth.errors import HyperboothError
 from hyperbooth.methods import SubjectConfig, personalise
 from hyperbooth.training import TrainConfig
 
@@ -165,3 +166,28 @@ def test_prior_preservation_generates_and_reuses_class_images(tiny_base, tmp_pat
         progress=False,
     )
     assert [f.stat().st_mtime_ns for f in files] == stamps
+
+
+def test_max_timestep_bounds_the_training_timesteps(tiny_base):
+    from hyperbooth.diffusion import diffusion_loss
+
+    seen = []
+    unet = tiny_base.unet
+
+    def record(module, args, kwargs):
+        seen.append(args[1].clone())
+
+    handle = unet.register_forward_pre_hook(record, with_kwargs=True)
+    size = unet.config.sample_size
+    latents = torch.randn(64, unet.config.in_channels, size, size)
+    hidden = torch.randn(64, 77, unet.config.cross_attention_dim)
+    with torch.no_grad():
+        diffusion_loss(unet, tiny_base.scheduler, latents, hidden, torch.Generator().manual_seed(0),
+                       max_timestep=50)  # fmt: skip
+    handle.remove()
+    assert int(seen[0].max()) < 50 and len(set(seen[0].tolist())) > 10
+    with pytest.raises(ValueError, match="max_timestep"):
+        diffusion_loss(unet, tiny_base.scheduler, latents, hidden, torch.Generator(),
+                       max_timestep=1001)  # fmt: skip
+    with pytest.raises(HyperboothError, match="max-timestep"):
+        SubjectConfig(max_timestep=0)

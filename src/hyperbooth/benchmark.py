@@ -65,7 +65,8 @@ class Row:
 
     `adapter` sets AdapterConfig fields over the run's (for hyperdreambooth: the relaxed LoRA's
     rank and layers); `hypernet` sets hyperdreambooth's ablations (use_hypernet, fine_tune,
-    iterations), so the paper's Table 3 rows are rows of the same table.
+    iterations), so the paper's Table 3 rows are rows of the same table. `max_timestep` fits
+    only below that timestep and `adapter_below` switches the UNet's adapters on only below it.
     """
 
     name: str
@@ -74,6 +75,8 @@ class Row:
     learning_rate: float | None = None
     adapter: dict = field(default_factory=dict)
     hypernet: dict = field(default_factory=dict)
+    max_timestep: int | None = None
+    adapter_below: int | None = None
 
     def __post_init__(self) -> None:
         if self.method not in BENCHMARK_METHODS:
@@ -89,6 +92,15 @@ class Row:
             raise HyperboothError(f"row {self.name!r}: unknown setting {bad[0]!r}")
         if self.hypernet and self.method != "hyperdreambooth":
             raise HyperboothError(f"row {self.name!r}: hypernet settings need hyperdreambooth")
+
+
+def row_settings(row: Row) -> dict:
+    """A row's settings as result.json stores them (unset timestep options left out)."""
+    settings = json.loads(json.dumps(asdict(row)))
+    for key in ("max_timestep", "adapter_below"):
+        if settings[key] is None:
+            del settings[key]
+    return settings
 
 
 def read_plan(path: str | Path) -> tuple[Row, ...]:
@@ -258,6 +270,7 @@ def _fit(base: object, name: str, subject: Subject, config: BenchmarkConfig, out
                 class_name=subject.class_name,
                 seed=config.seed,
                 device=config.device,
+                max_timestep=row.max_timestep,
                 **relaxed,
                 **row.hypernet,
             ),
@@ -270,7 +283,9 @@ def _fit(base: object, name: str, subject: Subject, config: BenchmarkConfig, out
         images,
         out / "fit",
         method,
-        SubjectConfig(token=config.word(name), class_name=subject.class_name),
+        SubjectConfig(
+            token=config.word(name), class_name=subject.class_name, max_timestep=row.max_timestep
+        ),
         config.adapter_for(name),
         TrainConfig(
             steps=steps,
@@ -302,7 +317,7 @@ def run_cell(
 
     cell = out / "cells" / method / subject.name
     done = cell / "result.json"
-    settings = json.loads(json.dumps(asdict(config.row(method))))  # as result.json stores it
+    settings = row_settings(config.row(method))
     if done.is_file():
         result = json.loads(done.read_text())
         if result.get("row", settings) != settings:
@@ -324,6 +339,7 @@ def run_cell(
         guidance=config.guidance,
         batch_size=8,
         progress=False,
+        adapter_below=config.row(method).adapter_below,
     )
     generate_seconds = time.perf_counter() - started
     images, index = [], []

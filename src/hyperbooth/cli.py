@@ -174,6 +174,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         class_prompt=args.class_prompt,
         class_images_dir=args.class_images,
         regularisation_dir=args.regularisation,
+        max_timestep=args.max_timestep,
     )
     train_config = TrainConfig(
         steps=args.steps,
@@ -324,7 +325,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
         adapters.append({"path": str(path), "weight": weight})
     started = time.perf_counter()
     rows = generate_images(
-        base, args.prompt, n=args.n, seed=args.seed, steps=args.steps, guidance=args.guidance
+        base,
+        args.prompt,
+        n=args.n,
+        seed=args.seed,
+        steps=args.steps,
+        guidance=args.guidance,
+        adapter_below=args.adapter_below,
     )
     seconds = time.perf_counter() - started
     save_png(image_grid(rows, labels=args.prompt), out)
@@ -338,6 +345,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         "seed": args.seed,
         "steps": args.steps,
         "guidance": args.guidance,
+        "adapter_below": args.adapter_below,
         "device": str(device),
         "seconds": round(seconds, 2),
         "grid": str(out),
@@ -595,6 +603,7 @@ def cmd_personalize(args: argparse.Namespace) -> None:
         device=args.device,
         unet_targets=args.unet_targets,
         text_encoder_targets=() if args.no_text_encoder else None,
+        max_timestep=args.max_timestep,
     )
     started = time.perf_counter()
     device = make_accelerator(TrainConfig(device=args.device)).device
@@ -743,6 +752,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--prior-preservation", action="store_true", help="add the class-prior loss (DreamBooth)"
     )
     p.add_argument("--prior-weight", type=float, default=1.0)
+    p.add_argument(
+        "--max-timestep",
+        type=int,
+        default=None,
+        help="fit only at diffusion timesteps below this (of 1000), so the subject does not learn "
+        "the photo's layout, background and style; generate with --adapter-below the same",
+    )
     p.add_argument("--num-class-images", type=int, default=100)
     p.add_argument("--class-prompt", default=None, help="default 'a {class}'")
     p.add_argument(
@@ -823,6 +839,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="image j of each prompt uses seed + j")
     p.add_argument("--steps", type=int, default=25, help="sampler steps (DPM-Solver++)")
     p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument(
+        "--adapter-below",
+        type=int,
+        default=None,
+        metavar="T",
+        help="the adapters act only at timesteps below T (of 1000): the prompt alone lays out "
+        "the first steps (default: always on)",
+    )
     p.add_argument(
         "--out", required=True, help="grid .png (a .json with the settings is written beside it)"
     )
@@ -1051,6 +1075,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, default=None, help="K (default: the hypernet's)")
     p.add_argument("--rank", type=int, default=4, help="rank of the relaxed LoRA")
     p.add_argument("--steps", type=int, default=40, help="fast fine-tune steps")
+    p.add_argument(
+        "--max-timestep",
+        type=int,
+        default=None,
+        help="the fast fine-tune sees only at diffusion timesteps below this (of 1000), so the subject does not learn "
+        "the photo's layout, background and style; generate with --adapter-below the same",
+    )
     p.add_argument(
         "--unet-targets",
         nargs="+",

@@ -38,6 +38,7 @@ def diffusion_loss(
     generator: torch.Generator,
     reduce: bool = True,
     mask: torch.Tensor | None = None,
+    max_timestep: int | None = None,
 ) -> torch.Tensor:
     """MSE between the UNet's prediction on noised latents and its target.
 
@@ -45,13 +46,17 @@ def diffusion_loss(
     pure function of its seed: that is what makes resume exact.
     With reduce=False the loss is per batch element (B,). A mask (B, 1, h, w) of 0/1 restricts
     each element's mean to where it is 1 (Custom Diffusion's padded, shrunk images).
+    Timesteps are drawn from [0, max_timestep) (default: every training timestep).
     """
     batch = latents.shape[0]
     noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
     noise = noise.to(latents.device, latents.dtype)
-    timesteps = torch.randint(
-        0, scheduler.config.num_train_timesteps, (batch,), generator=generator
-    ).to(latents.device)
+    high = scheduler.config.num_train_timesteps
+    if max_timestep is not None:
+        if not 1 <= max_timestep <= high:
+            raise ValueError(f"max_timestep must be in [1, {high}], got {max_timestep}")
+        high = max_timestep
+    timesteps = torch.randint(0, high, (batch,), generator=generator).to(latents.device)
     return noised_loss(
         unet, scheduler, latents, encoder_hidden_states, noise, timesteps, reduce, mask
     )

@@ -9,6 +9,8 @@ from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
+from hyperbooth.adapters.inject import switch_adapters
+
 
 def make_pipeline(base: object) -> StableDiffusionPipeline:
     """A StableDiffusionPipeline over the base's own (possibly adapted) modules."""
@@ -30,8 +32,30 @@ def generate_images(
     batch_size: int = 4,
     negative_prompt: str | None = None,
     progress: bool = True,
+    adapter_below: int | None = None,
 ) -> list[list[Image.Image]]:
-    """n images per prompt; image j of every prompt uses seed + j, so results are repeatable."""
+    """n images per prompt; image j of every prompt uses seed + j, so results are repeatable.
+
+    With adapter_below, the UNet's adapters act only at timesteps below it (`switch_adapters`).
+    """
+    with switch_adapters(base, adapter_below):
+        return _generate(
+            base, prompts, n, seed, steps, guidance, batch_size, negative_prompt, progress
+        )
+
+
+def _generate(
+    base: object,
+    prompts: Sequence[str],
+    n: int,
+    seed: int,
+    steps: int,
+    guidance: float,
+    batch_size: int,
+    negative_prompt: str | None,
+    progress: bool,
+) -> list[list[Image.Image]]:
+    """generate_images without the adapter switch."""
     pipe = make_pipeline(base)
     size = base.resolution
     out: list[list[Image.Image]] = [[] for _ in prompts]

@@ -227,3 +227,44 @@ class disable_adapters:
     def __exit__(self, *exc: object) -> None:
         for layer in self.layers:
             layer.disabled = False
+
+
+class switch_adapters:
+    """Context manager: the UNet's adapters act only at timesteps below `below`.
+
+    The first, noisiest sampling steps then run on the bare base, so the prompt alone lays out
+    the picture (background, style, framing) and the subject's adapter draws it in afterwards.
+    Text-encoder adapters stay on. Works for any pipeline: a forward pre-hook on the UNet reads
+    each call's timestep.
+    """
+
+    def __init__(self, base: object, below: int | None):
+        self.unet = base.unet
+        self.below = below
+        self.layers = [
+            layer for key, layer in adapted_layers(base).items() if key.startswith("unet.")
+        ]
+        if below is not None and any(layer.merged for layer in self.layers):
+            raise HyperboothError(
+                "a merged adapter cannot be switched on at a timestep; load it unmerged"
+            )
+        self.handle = None
+
+    def _hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Disable the adapters when this call's timestep is at or above `below`."""
+        timestep = args[1] if len(args) > 1 else kwargs["timestep"]
+        off = float(torch.as_tensor(timestep).flatten()[0]) >= self.below
+        for layer in self.layers:
+            layer.disabled = off
+
+    def __enter__(self) -> switch_adapters:
+        if self.below is not None and self.layers:
+            self.handle = self.unet.register_forward_pre_hook(self._hook, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+        for layer in self.layers:
+            layer.disabled = False

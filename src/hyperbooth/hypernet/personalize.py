@@ -45,6 +45,7 @@ class PersonalizeConfig:
     # The relaxed LoRA's layers; None: the hypernetwork's (without one, METHOD 3.1's defaults).
     unet_targets: tuple[str, ...] | None = None
     text_encoder_targets: tuple[str, ...] | None = None
+    max_timestep: int | None = None  # the fine-tune sees only timesteps below this (None: all)
 
     def __post_init__(self) -> None:
         if not (self.use_hypernet or self.fine_tune):
@@ -104,7 +105,9 @@ def personalize(
         raise HyperboothError("pass --hypernet (or --no-hypernet to fine-tune from the base alone)")
     seconds: dict[str, float] = {}
     parts: dict[str, tuple[Adapter, dict]] = {}
-    subject = SubjectConfig(token=config.token, class_name=config.class_name)
+    subject = SubjectConfig(
+        token=config.token, class_name=config.class_name, max_timestep=config.max_timestep
+    )
     info = {"method": "hyperdreambooth", "prompt": subject.prompt, "settings": asdict(config)}
     prediction = None
     if config.use_hypernet:

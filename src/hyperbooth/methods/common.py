@@ -29,8 +29,13 @@ class SubjectConfig:
     # Real regularisation images, each with its own caption (name.png + name.txt); when set it
     # replaces the generated class images (Custom Diffusion's retrieved set, METHOD 2).
     regularisation_dir: str | None = None
+    # Fit the subject only at timesteps below this (None: all). Pairs with generating with the
+    # adapter switched on below the same timestep, so the prompt alone lays out the picture.
+    max_timestep: int | None = None
 
     def __post_init__(self) -> None:
+        if self.max_timestep is not None and self.max_timestep < 1:
+            raise HyperboothError(f"--max-timestep must be >= 1, got {self.max_timestep}")
         if not self.token or any(c.isspace() for c in self.token):
             raise HyperboothError(f"--token must be one word, got {self.token!r}")
         if self.instance_prompt is not None and self.token not in self.instance_prompt.split():
@@ -188,8 +193,9 @@ class SubjectMethod:
             hidden.append(self.class_hidden(index))
         latents = sample_latents(torch.cat(means), torch.cat(stds), g)
         per_sample = diffusion_loss(
-            self.base.unet, self.base.scheduler, latents, torch.cat(hidden), g, reduce=False
-        )
+            self.base.unet, self.base.scheduler, latents, torch.cat(hidden), g, reduce=False,
+            max_timestep=self.subject.max_timestep,
+        )  # fmt: skip
         loss = per_sample[:n].mean()
         if data.class_mean is not None:
             loss = loss + self.subject.prior_weight * per_sample[n:].mean()

@@ -152,6 +152,9 @@ class CustomDiffusion:
     ):
         self.base, self.config = base, config
         self.subjects = [subject for subject, _ in concepts]
+        # One batch mixes concepts, so they share one timestep range (the tightest asked for).
+        limits = [s.max_timestep for s in self.subjects if s.max_timestep is not None]
+        self.max_timestep = min(limits) if limits else None
         tokens = [s.token for s in self.subjects]
         if len(set(tokens)) != len(tokens):
             raise HyperboothError(f"each concept needs its own token, got {tokens}")
@@ -236,6 +239,7 @@ class CustomDiffusion:
             g,
             reduce=False,
             mask=torch.cat(masks),
+            max_timestep=self.max_timestep,
         )
         loss = per_sample[:n].mean()
         for k, weight in enumerate(weights, start=1):

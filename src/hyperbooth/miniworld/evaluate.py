@@ -279,6 +279,10 @@ class PersonalisationConfig:
     train_text_encoder: bool | None = None  # None: the method's default
     # Prior preservation on captioned training renders (always on for custom-diffusion).
     regularise: bool = False
+    # Fit only at timesteps below this (None: all), and draw with the UNet's adapters on only
+    # below adapter_below (None: always on).
+    max_timestep: int | None = None
+    adapter_below: int | None = None
     # hyperdreambooth: the hypernetwork folder and METHOD 3.4's ablations (steps, rank and
     # learning_rate above are the fast fine-tune's).
     hypernet: str | None = None
@@ -346,6 +350,7 @@ def _fast_path(config: PersonalisationConfig) -> tuple[object, object]:
         device="cpu",
         unet_targets=config.unet_targets,
         text_encoder_targets=() if config.train_text_encoder is False else None,
+        max_timestep=config.max_timestep,
     )
     return hypernet, fast
 
@@ -410,7 +415,10 @@ def personalisation(
                     out,
                     config.method,
                     SubjectConfig(
-                        token=config.token, class_name="face", regularisation_dir=regularisation
+                        token=config.token,
+                        class_name="face",
+                        regularisation_dir=regularisation,
+                        max_timestep=config.max_timestep,
                     ),
                     adapter,
                     TrainConfig(
@@ -426,7 +434,7 @@ def personalisation(
                 )
                 stored, fit_seconds = stored_bytes(result.output), result.seconds
         started = time.perf_counter()
-        images = generate_images(subject, prompts, **generate)
+        images = generate_images(subject, prompts, adapter_below=config.adapter_below, **generate)
         row = {
             "identity": identity.index,
             "fit_seconds": fit_seconds,
@@ -669,6 +677,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         action="store_true",
         help="personalisation: prior preservation on captioned training renders",
     )
+    parser.add_argument(
+        "--max-timestep",
+        type=int,
+        default=None,
+        help="personalisation: fit only at timesteps below this (default all)",
+    )
+    parser.add_argument(
+        "--adapter-below",
+        type=int,
+        default=None,
+        help="personalisation: UNet adapters act only at timesteps below this (default always)",
+    )
     hyper = parser.add_argument_group("personalisation --method hyperdreambooth")
     hyper.add_argument(
         "--hypernet", default=None, help="train-hypernet's hypernet/ folder, or mini (built in)"
@@ -724,6 +744,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             unet_targets=None if args.unet_targets is None else tuple(args.unet_targets),
             train_text_encoder=False if args.no_text_encoder else None,
             regularise=args.regularise,
+            max_timestep=args.max_timestep,
+            adapter_below=args.adapter_below,
             hypernet=args.hypernet,
             use_hypernet=not args.no_hypernet,
             fine_tune=not args.hypernet_only,
