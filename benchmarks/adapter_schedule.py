@@ -88,10 +88,12 @@ def generate_switched(
 def score(judge: Judge, identity: object, rows: list[list]) -> dict:
     """Identity, hidden and prompt scores plus per-attribute prompt hits."""
     ident, hidden, prompt, hits, traits = [], [], [], defaultdict(list), defaultdict(list)
+    per_prompt = defaultdict(list)
     for names, images in zip(EVALUATION_CONTEXTS, rows, strict=True):
         asked = context_indices(names)
         for reading in judge.read(images):
             total, hidden_share = identity_score(identity, reading.identity)
+            per_prompt[", ".join(names.values())].append(total)
             ident.append(total)
             hidden.append(hidden_share)
             prompt.append(prompt_score(asked, reading.context))
@@ -107,6 +109,7 @@ def score(judge: Judge, identity: object, rows: list[list]) -> dict:
         "prompt_attributes": float(np.mean(every)),
         "per_attribute": {name: float(np.mean(v)) for name, v in hits.items()},
         "per_trait": {name: float(np.mean(v)) for name, v in traits.items()},
+        "identity_per_prompt": {name: float(np.mean(v)) for name, v in per_prompt.items()},
     }
 
 
@@ -159,7 +162,7 @@ def main() -> None:
             name: float(np.mean([r[name] for r in rows]))
             for name in ("identity", "hidden", "prompt", "prompt_attributes")
         }
-        for part in ("per_attribute", "per_trait"):
+        for part in ("per_attribute", "per_trait", "identity_per_prompt"):
             summary[key][part] = {
                 name: float(np.mean([r[part][name] for r in rows])) for name in rows[0][part]
             }

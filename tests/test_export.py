@@ -224,3 +224,44 @@ def test_export_rejects_bad_requests(tiny_base, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ValueError, match="per-sample"):
         to_kohya({"unet.x": (torch.zeros(2, 1, 3), torch.zeros(2, 4, 1))})
+
+
+def test_adapter_below_matches_plain_diffusers_switching_the_exported_lora(tiny_base, tmp_path):
+    """docs/EXPORT.md's few lines of diffusers code draw what `generate --adapter-below` draws."""
+    import numpy as np
+    from diffusers import DPMSolverMultistepScheduler
+
+    from hyperbooth.generate import generate_images
+
+    fresh = copy.deepcopy(tiny_base)
+    adapter = add_adapter(tiny_base, CONFIGS["lora-r2-conv"])
+    randomize(adapter, seed=1, scale=0.3)  # strong enough that the later steps show it too
+    path = tmp_path / "adapter.safetensors"
+    save_adapter(adapter, path, base_name="tiny-random")
+    export_adapter(path, "diffusers", tmp_path / "exported", tiny_base)
+    draw = {"n": 1, "seed": 3, "steps": 4, "progress": False}  # timesteps 999, 749, 500, 250
+    ours = {
+        below: np.asarray(generate_images(tiny_base, ["a sks face"], adapter_below=below, **draw)[0][0], dtype=int)
+        for below in (None, 800, 0)
+    }  # fmt: skip
+
+    pipe = _pipeline(fresh)
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe.load_lora_weights(str(tmp_path / "exported"), adapter_name="subject")
+
+    # The snippet in docs/EXPORT.md: the adapter acts only at timesteps below 800.
+    def switch(pipe, step, timestep, kwargs):
+        later = pipe.scheduler.timesteps[step + 1 :]
+        pipe.unet.set_adapters("subject", 1.0 if len(later) and later[0] < 800 else 0.0)
+        return kwargs
+
+    pipe.unet.set_adapters("subject", 0.0)  # the first step runs at the noisiest timestep
+    size = tiny_base.resolution
+    image = pipe(
+        "a sks face", height=size, width=size, num_inference_steps=4, guidance_scale=7.5,
+        generator=torch.Generator("cpu").manual_seed(3), callback_on_step_end=switch,
+    ).images[0]  # fmt: skip
+    theirs = np.asarray(image, dtype=int)
+    assert np.abs(theirs - ours[800]).max() <= 2
+    # The switch matters: always on and never on both draw something else.
+    assert np.abs(ours[800] - ours[None]).max() > 20 and np.abs(ours[800] - ours[0]).max() > 20
