@@ -757,7 +757,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="fit only at diffusion timesteps below this (of 1000), so the subject does not learn "
-        "the photo's layout, background and style; generate with --adapter-below the same",
+        "the photo's layout, background and style (800 on mini: docs/MINIWORLD.md)",
     )
     p.add_argument("--num-class-images", type=int, default=100)
     p.add_argument("--class-prompt", default=None, help="default 'a {class}'")
@@ -1079,8 +1079,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-timestep",
         type=int,
         default=None,
-        help="the fast fine-tune sees only at diffusion timesteps below this (of 1000), so the subject does not learn "
-        "the photo's layout, background and style; generate with --adapter-below the same",
+        help="fine-tune only at diffusion timesteps below this (of 1000), so the subject does "
+        "not learn the photo's layout, background and style (default: all)",
     )
     p.add_argument(
         "--unet-targets",
