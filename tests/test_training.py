@@ -191,3 +191,23 @@ def test_max_timestep_bounds_the_training_timesteps(tiny_base):
                        max_timestep=1001)  # fmt: skip
     with pytest.raises(HyperboothError, match="max-timestep"):
         SubjectConfig(max_timestep=0)
+
+
+def test_a_checkpoint_from_before_a_new_unset_setting_still_resumes(tiny_base, tmp_path):
+    import json
+
+    images = _images(1)
+    run = {"adapter": SMALL_LIDB, "progress": False}
+    personalise(copy.deepcopy(tiny_base), images, tmp_path, "lidb",
+                train_config=TrainConfig(steps=1, device="cpu"), **run)  # fmt: skip
+    state_file = tmp_path / "checkpoint" / "state.json"
+    state = json.loads(state_file.read_text())
+    del state["run"]["subject"]["max_timestep"]  # as a checkpoint written before the setting
+    state_file.write_text(json.dumps(state))
+    personalise(copy.deepcopy(tiny_base), images, tmp_path, "lidb", resume=True,
+                train_config=TrainConfig(steps=2, device="cpu"), **run)  # fmt: skip
+    assert json.loads(state_file.read_text())["step"] == 2
+    with pytest.raises(HyperboothError, match=r"different settings \(subject\)"):
+        personalise(copy.deepcopy(tiny_base), images, tmp_path, "lidb", resume=True,
+                    subject=SubjectConfig(max_timestep=500),
+                    train_config=TrainConfig(steps=3, device="cpu"), **run)  # fmt: skip

@@ -177,6 +177,15 @@ def save_checkpoint(
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _set_values(value: object) -> object:
+    """A JSON value with every None-valued dict entry dropped, at any depth."""
+    if isinstance(value, dict):
+        return {k: _set_values(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_set_values(v) for v in value]
+    return value
+
+
 def load_checkpoint(
     out_dir: Path,
     trainable: dict[str, torch.nn.Parameter],
@@ -190,8 +199,10 @@ def load_checkpoint(
     if not (folder / "state.json").is_file():
         raise HyperboothError(f"--resume: no checkpoint in {folder} (train without --resume first)")
     state = json.loads((folder / "state.json").read_text())
-    if state["run"] != run_info:
-        changed = sorted(k for k in run_info if state["run"].get(k) != run_info.get(k))
+    # Settings added after a checkpoint was written are None by default: unset matches absent.
+    saved, asked = _set_values(state["run"]), _set_values(run_info)
+    if saved != asked:
+        changed = sorted(k for k in {*saved, *asked} if saved.get(k) != asked.get(k))
         raise HyperboothError(
             f"--resume: the checkpoint in {folder} was made with different settings ({', '.join(changed)}); "
             "use the same flags or a new --out"
