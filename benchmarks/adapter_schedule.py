@@ -25,10 +25,9 @@ import numpy as np
 import torch
 
 from hyperbooth.adapters.config import AdapterConfig
-from hyperbooth.adapters.inject import adapted_layers
 from hyperbooth.atomic import write_text
 from hyperbooth.bases import load_base
-from hyperbooth.generate import make_pipeline
+from hyperbooth.generate import generate_images
 from hyperbooth.methods import SubjectConfig, personalise
 from hyperbooth.miniworld.evaluate import (
     EVALUATION_CONTEXTS,
@@ -41,48 +40,6 @@ from hyperbooth.miniworld.evaluate import (
 from hyperbooth.miniworld.judges import Judge, identity_score, prompt_score
 from hyperbooth.miniworld.render import TRAITS, render
 from hyperbooth.training import TrainConfig
-
-
-def scaled(subject: object, weight: float) -> None:
-    """Scale every adapter on the subject's layers to weight times its trained scale."""
-    for layer in adapted_layers(subject).values():
-        if not hasattr(layer, "trained_scales"):
-            layer.trained_scales = dict(layer.scales)
-        for name, value in layer.trained_scales.items():
-            layer.scales[name] = value * weight
-
-
-@torch.no_grad()
-def generate_switched(
-    subject: object, prompts: list[str], n: int, seed: int, steps: int, guidance: float,
-    switch: int,
-) -> list[list]:  # fmt: skip
-    """n images per prompt with the adapter on only at timesteps below `switch`."""
-    pipe = make_pipeline(subject)
-
-    def on_step_end(pipe: object, i: int, t: object, kwargs: dict) -> dict:
-        timesteps = pipe.scheduler.timesteps
-        if i + 1 < len(timesteps):
-            scaled(subject, 1.0 if int(timesteps[i + 1]) < switch else 0.0)
-        return kwargs
-
-    rows = []
-    for prompt in prompts:
-        generators = [torch.Generator("cpu").manual_seed(seed + j) for j in range(n)]
-        pipe.scheduler.set_timesteps(steps)
-        scaled(subject, 1.0 if int(pipe.scheduler.timesteps[0]) < switch else 0.0)
-        images = pipe(
-            [prompt] * n,
-            height=subject.resolution,
-            width=subject.resolution,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            generator=generators,
-            callback_on_step_end=on_step_end,
-        ).images
-        rows.append(images)
-    scaled(subject, 1.0)
-    return rows
 
 
 def score(judge: Judge, identity: object, rows: list[list]) -> dict:
@@ -149,9 +106,11 @@ def main() -> None:
             )  # fmt: skip
         for guidance in args.guidance:
             for switch in args.switch:
-                rows = generate_switched(
-                    subject, prompts, args.images_per_prompt, 1000, 20, guidance, switch
-                )
+                rows = generate_images(
+                    subject, prompts, n=args.images_per_prompt, seed=1000, steps=20,
+                    guidance=guidance, batch_size=8, progress=False,
+                    adapter_below=switch if switch < 1000 else None,
+                )  # fmt: skip
                 results[f"guidance {guidance}, switch {switch}"].append(
                     score(judge, identity, rows)
                 )

@@ -38,44 +38,27 @@ def generate_images(
 
     With adapter_below, the UNet's adapters act only at timesteps below it (`switch_adapters`).
     """
-    with switch_adapters(base, adapter_below):
-        return _generate(
-            base, prompts, n, seed, steps, guidance, batch_size, negative_prompt, progress
-        )
-
-
-def _generate(
-    base: object,
-    prompts: Sequence[str],
-    n: int,
-    seed: int,
-    steps: int,
-    guidance: float,
-    batch_size: int,
-    negative_prompt: str | None,
-    progress: bool,
-) -> list[list[Image.Image]]:
-    """generate_images without the adapter switch."""
     pipe = make_pipeline(base)
     size = base.resolution
     out: list[list[Image.Image]] = [[] for _ in prompts]
     jobs = [(p, j) for p in range(len(prompts)) for j in range(n)]
     bar = tqdm(total=len(jobs), desc="generate", disable=not progress)
-    for start in range(0, len(jobs), batch_size):
-        chunk = jobs[start : start + batch_size]
-        generators = [torch.Generator("cpu").manual_seed(seed + j) for _, j in chunk]
-        images = pipe(
-            [prompts[p] for p, _ in chunk],
-            negative_prompt=[negative_prompt] * len(chunk) if negative_prompt else None,
-            height=size,
-            width=size,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            generator=generators,
-        ).images
-        for (p, _), image in zip(chunk, images, strict=True):
-            out[p].append(image)
-        bar.update(len(chunk))
+    with switch_adapters(base, adapter_below):
+        for start in range(0, len(jobs), batch_size):
+            chunk = jobs[start : start + batch_size]
+            generators = [torch.Generator("cpu").manual_seed(seed + j) for _, j in chunk]
+            images = pipe(
+                [prompts[p] for p, _ in chunk],
+                negative_prompt=[negative_prompt] * len(chunk) if negative_prompt else None,
+                height=size,
+                width=size,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                generator=generators,
+            ).images
+            for (p, _), image in zip(chunk, images, strict=True):
+                out[p].append(image)
+            bar.update(len(chunk))
     bar.close()
     return out
 
