@@ -237,3 +237,5 @@ def test_switch_refuses_merged_adapters(tiny_base):
     with pytest.raises(HyperboothError, match="merged"):
         switch_adapters(tiny_base, below=800)
     switch_adapters(tiny_base, below=None)  # no switch asked for: nothing to refuse
+    with pytest.raises(HyperboothError, match="adapter-below must be a timestep >= 0"):
+        switch_adapters(tiny_base, below=-1)

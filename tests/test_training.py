@@ -191,6 +191,9 @@ def test_max_timestep_bounds_the_training_timesteps(tiny_base):
                        max_timestep=1001)  # fmt: skip
     with pytest.raises(HyperboothError, match="max-timestep"):
         SubjectConfig(max_timestep=0)
+    with pytest.raises(HyperboothError, match="past this base's 1000 timesteps"):
+        personalise(tiny_base, _images(1), "/nonexistent/never-written", "lora",
+                    subject=SubjectConfig(max_timestep=5000), progress=False)  # fmt: skip
 
 
 def test_a_checkpoint_from_before_a_new_unset_setting_still_resumes(tiny_base, tmp_path):

@@ -244,6 +244,8 @@ class switch_adapters:
         self.layers = [
             layer for key, layer in adapted_layers(base).items() if key.startswith("unet.")
         ]
+        if below is not None and below < 0:
+            raise HyperboothError(f"--adapter-below must be a timestep >= 0, got {below}")
         if below is not None and any(layer.merged for layer in self.layers):
             raise HyperboothError(
                 "a merged adapter cannot be switched on at a timestep; load it unmerged"

@@ -125,6 +125,12 @@ def prepare_subject(
         raise HyperboothError(
             "no training images given; pass --images with 1-5 photos of the subject"
         )
+    last = base.scheduler.config.num_train_timesteps
+    if subject.max_timestep is not None and subject.max_timestep > last:
+        raise HyperboothError(
+            f"--max-timestep {subject.max_timestep} is past this base's {last} timesteps; "
+            f"give 1-{last}"
+        )
     mean, std = encode_images(base, images, device)
     data = SubjectData(mean, std, token_ids(base, subject.prompt).to(device))
     if subject.regularisation_dir:
