@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 from transformers import ViTConfig, ViTModel
 
@@ -156,13 +157,68 @@ def test_the_diffusion_loss_reaches_every_head_of_the_hypernetwork(tiny_base, co
     assert training.log[-1]["diffusion"] > 0
 
 
+def test_views_are_drawn_as_diffusion_targets_with_their_captions(tiny_base, tmp_path, monkeypatch):
+    import hyperbooth.hypernet.train as module
+    from hyperbooth.hypernet.train import HyperNetTraining, load_identity_set
+    from hyperbooth.methods.common import token_ids
+    from hyperbooth.training import StepBatch
+
+    _faces(tmp_path / "faces", 3)
+    assert cli(
+        ["precompute", "--base", "tiny-random", "--device", "cpu", "--images",
+         str(tmp_path / "faces"), "--out", str(tmp_path / "pre"), "--steps", "1",
+         "--lidb-a", "16", "--lidb-b", "8"]
+    ) == 0  # fmt: skip
+    views = tmp_path / "views" / "face_001"  # two views of the second identity only
+    views.mkdir(parents=True)
+    for i, colour in enumerate(["red", "blue"]):
+        Image.new("RGB", (32, 32), colour).save(views / f"{i}.png")
+        (views / f"{i}.txt").write_text(f"a sks face, view {i}")
+    data = load_identity_set(tiny_base, tmp_path / "faces", tmp_path / "pre", tmp_path / "views")
+    assert data.views.of_identity == [[], [0, 1], []] and len(data.views.ids) == 2
+    captured = []
+    real = module.diffusion_loss
+
+    def spy(unet, scheduler, latents, hidden, generator, **kwargs):
+        captured.append(kwargs["max_timestep"])
+        return real(unet, scheduler, latents, hidden, generator, **kwargs)
+
+    monkeypatch.setattr(module, "diffusion_loss", spy)
+    training = HyperNetTraining(
+        tiny_base, _hypernet(tiny_base), data, HyperLossConfig(beta=0.0, max_timestep=300), 2
+    )
+    try:
+        training.loss(StepBatch(torch.Generator().manual_seed(0), 2))
+        ids = [token_ids(tiny_base, t)[0] for t in ("a sks face", "a sks face, view 0")]
+        # Identity 1's possible targets: its reference (0), then its views (1, 2).
+        options = [data.latent_mean[1], *data.views.latent_mean]
+        chosen = []
+        generator = torch.Generator().manual_seed(1)
+        for _ in range(40):
+            mean, _, caption = training._targets(torch.tensor([0, 1]), generator)
+            # Identity 0 has no views: always its reference with the loss prompt.
+            assert torch.equal(mean[0], data.latent_mean[0]) and torch.equal(caption[0], ids[0])
+            row = next(j for j, option in enumerate(options) if torch.equal(mean[1], option))
+            chosen.append((row, caption[1]))
+    finally:
+        training.adapter.remove()
+    assert captured == [300]
+    # Identity 1 draws its reference and both views, each with its own caption.
+    assert {row for row, _ in chosen} == {0, 1, 2}
+    assert all(torch.equal(c, ids[0]) for row, c in chosen if row == 0)
+    assert all(torch.equal(c, ids[1]) for row, c in chosen if row == 1)
+    with pytest.raises(HyperboothError, match="no folder named after any identity"):
+        load_identity_set(tiny_base, tmp_path / "faces", tmp_path / "pre", tmp_path / "faces")
+
+
 def test_the_mini_hypernet_recipe_runs_every_stage_exports_float16_and_resumes(tmp_path):
     from hyperbooth.miniworld.train_hypernet import main as reproduce
 
     recipe = {
         "identities": 3, "identities_per_step": 2, "precompute_steps": 2, "steps": 2,
         "batch_size": 2, "encoder_width": 16, "encoder_layers": 1, "width": 32,
-        "checkpoint_every": 1, "adapter": {"kind": "lidb", "rank": 2, "lidb_a": 8, "lidb_b": 4,
+        "checkpoint_every": 1, "views_per_identity": 2, "max_timestep": 500,
+        "adapter": {"kind": "lidb", "rank": 2, "lidb_a": 8, "lidb_b": 4,
         "unet_targets": [r".*resnets\.\d+\.conv[12]"], "text_encoder_targets": []},
     }  # fmt: skip
     (tmp_path / "recipe.json").write_text(json.dumps(recipe))
@@ -170,6 +226,9 @@ def test_the_mini_hypernet_recipe_runs_every_stage_exports_float16_and_resumes(t
             "tiny-random", "--config", str(tmp_path / "recipe.json")]  # fmt: skip
     reproduce(argv)
     assert len(list((tmp_path / "work" / "pre").glob("*.safetensors"))) == 3
+    assert len(list((tmp_path / "work" / "views").glob("*/*.png"))) == 6
+    settings = json.loads((tmp_path / "work" / "pre" / "settings.json").read_text())
+    assert settings["max_timestep"] == 500
     stored = load_file(str(tmp_path / "out" / "hypernet.safetensors"))
     assert all(t.dtype == torch.float16 for t in stored.values())
     assert (tmp_path / "out" / "loss.png").is_file()

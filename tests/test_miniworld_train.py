@@ -104,3 +104,24 @@ def test_text_time_embedding_and_denser_captions_still_make_a_plain_sd_folder(tm
         )
 
     assert named(0.9) > 1.5 * named(0.5)
+
+
+def test_a_probability_outside_0_1_in_the_recipe_is_a_one_line_error(tmp_path, capsys):
+    import pytest
+
+    from hyperbooth.errors import HyperboothError
+
+    config = tmp_path / "bad.json"
+    config.write_text(json.dumps({**TOY, "caption_mention_probability": 1.5}))
+    with pytest.raises(HyperboothError, match="caption_mention_probability is a probability"):
+        main(
+            [
+                "--work",
+                str(tmp_path / "work"),
+                "--out",
+                str(tmp_path / "m"),
+                "--config",
+                str(config),
+            ]
+        )
+    assert not (tmp_path / "work").exists()

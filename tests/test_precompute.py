@@ -93,6 +93,36 @@ def test_other_settings_and_duplicate_names_are_one_line_errors(tiny_base, tmp_p
         precompute(tiny_base, images, tmp_path / "other", _config(1), progress=False)
 
 
+def test_max_timestep_bounds_the_fitted_timesteps_and_is_checked_before_writing(
+    tiny_base, tmp_path, monkeypatch
+):
+    import hyperbooth.hypernet.precompute as module
+
+    seen: list[torch.Tensor] = []
+    real = module.noised_loss
+
+    def spy(unet, scheduler, latents, hidden, noise, timesteps, **kwargs):
+        seen.append(timesteps)
+        return real(unet, scheduler, latents, hidden, noise, timesteps, **kwargs)
+
+    monkeypatch.setattr(module, "noised_loss", spy)
+    images = _faces(tmp_path / "faces", 2)
+    config = PrecomputeConfig(adapter=SMALL, identities_per_step=2, steps=20, max_timestep=50)
+    precompute(tiny_base, images, tmp_path / "out", config, progress=False)
+    drawn = torch.cat(seen)
+    assert len(drawn) == 40 and int(drawn.max()) < 50 and len(set(drawn.tolist())) > 10
+    stored = json.loads((tmp_path / "out" / "settings.json").read_text())
+    assert stored["max_timestep"] == 50
+    # Unset, the key is left out, so a set fitted before the setting existed still matches.
+    assert "max_timestep" not in PrecomputeConfig(adapter=SMALL).settings()
+    past = PrecomputeConfig(adapter=SMALL, max_timestep=5000)
+    with pytest.raises(HyperboothError, match="past this base's 1000 timesteps"):
+        precompute(tiny_base, images, tmp_path / "bad", past, progress=False)
+    assert not (tmp_path / "bad").exists()
+    with pytest.raises(HyperboothError, match="--max-timestep must be >= 1"):
+        PrecomputeConfig(max_timestep=0)
+
+
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "hyperbooth.cli", "precompute", "--base", "tiny-random", *args]
 

@@ -523,6 +523,7 @@ def cmd_precompute(args: argparse.Namespace) -> None:
         prompt=args.prompt,
         seed=args.seed,
         mixed_precision=args.mixed_precision,
+        max_timestep=args.max_timestep,
     )
     accelerator = make_accelerator(
         TrainConfig(device=args.device, mixed_precision=args.mixed_precision)
@@ -566,10 +567,12 @@ def cmd_train_hypernet(args: argparse.Namespace) -> None:
         decoder_layers=args.decoder_layers,
         iterations=args.iterations,
     )
-    loss = HyperLossConfig(alpha=args.alpha, beta=args.beta, prompt=args.prompt)
+    loss = HyperLossConfig(
+        alpha=args.alpha, beta=args.beta, prompt=args.prompt, max_timestep=args.max_timestep
+    )
     result, identities = train_hypernet(
         base, args.images, args.precomputed, args.out, config, loss, train_config, accelerator,
-        args.resume,
+        args.resume, views=args.views,
     )  # fmt: skip
     if accelerator.is_main_process:
         print(
@@ -1014,6 +1017,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="a sks face", help="the prompt every identity is fitted to")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mixed-precision", choices=PRECISIONS, default="no")
+    p.add_argument(
+        "--max-timestep",
+        type=int,
+        default=None,
+        help="fit only at diffusion timesteps below this (of 1000; default: all)",
+    )
     _adapter_flags(p)
     p.set_defaults(func=cmd_precompute)
 
@@ -1045,6 +1054,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=1.0, help="weight of the diffusion loss")
     p.add_argument("--beta", type=float, default=1.0, help="weight of the weight-space L2 loss")
     p.add_argument("--prompt", default="a sks face")
+    p.add_argument(
+        "--views",
+        default=None,
+        help="folder of <identity>/<view>.png + .txt captions: other pictures of each identity, "
+        "drawn as diffusion targets beside the reference (default: the reference only, as in "
+        "the paper)",
+    )
+    p.add_argument(
+        "--max-timestep",
+        type=int,
+        default=None,
+        help="the diffusion term's timesteps are below this (of 1000; default: all)",
+    )
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=None, help="default 1e-4")

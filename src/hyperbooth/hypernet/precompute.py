@@ -53,15 +53,20 @@ class PrecomputeConfig:
     prompt: str = "a sks face"
     seed: int = 0
     mixed_precision: str = "no"
+    max_timestep: int | None = None  # fit only at timesteps below this (None: all)
 
     def __post_init__(self) -> None:
         if self.identities_per_step < 1 or self.steps < 1:
             raise HyperboothError("--identities-per-step and --steps must be >= 1")
+        if self.max_timestep is not None and self.max_timestep < 1:
+            raise HyperboothError(f"--max-timestep must be >= 1, got {self.max_timestep}")
 
     def settings(self) -> dict:
         """What must match for two runs' files to belong to one set (K does not matter)."""
         data = asdict(self)
         data.pop("identities_per_step")
+        if data["max_timestep"] is None:
+            data.pop("max_timestep")  # so sets fitted before the setting existed still match
         return json.loads(json.dumps(data))  # as stored: tuples become lists
 
 
@@ -122,7 +127,7 @@ def fit_chunk(
         params = adapter.parameters()
         # A fresh optimiser per chunk; AdamW is elementwise, so identities never interact.
         optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
-        num_timesteps = base.scheduler.config.num_train_timesteps
+        num_timesteps = config.max_timestep or base.scheduler.config.num_train_timesteps
         losses = torch.zeros(len(names))
         for step in range(config.steps):
             latents, noise, timesteps = [], [], []
@@ -174,6 +179,12 @@ def precompute(
     progress: bool = True,
 ) -> dict:
     """Fit every identity in `images` not yet in out_dir; returns (and writes) the manifest."""
+    last = base.scheduler.config.num_train_timesteps
+    if config.max_timestep is not None and config.max_timestep > last:
+        raise HyperboothError(
+            f"--max-timestep {config.max_timestep} is past this base's {last} timesteps; "
+            f"give 1-{last}"
+        )
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

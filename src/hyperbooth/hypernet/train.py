@@ -7,6 +7,13 @@ Loss for a batch of identity images x with pre-optimised LiDB weights theta*:
 Each batch element runs the frozen base with its own predicted LiDB (the per-sample adapter
 path, with the predicted tensors passed in by torch.func.functional_call so gradients reach the
 hypernetwork). Both terms are logged; beta = 0 is allowed.
+
+Optional views (an extension of the paper, which reconstructs the input image itself): other
+captioned images of the same identity, `<views>/<identity>/<name>.png` + `<name>.txt`. The
+diffusion term's target is then drawn uniformly from the identity's reference image (with the
+loss prompt) and its views (with their captions), while the hypernetwork still sees only the
+reference. Weights that must redraw the face in a described new context carry the identity,
+not the photo's background, style and framing.
 """
 
 from __future__ import annotations
@@ -42,10 +49,13 @@ class HyperLossConfig:
     alpha: float = 1.0  # diffusion loss with the predicted weights
     beta: float = 1.0  # mean squared distance to the pre-optimised weights
     prompt: str = "a sks face"
+    max_timestep: int | None = None  # the diffusion term's timesteps are below this (None: all)
 
     def __post_init__(self) -> None:
         if self.alpha < 0 or self.beta < 0 or self.alpha + self.beta == 0:
             raise HyperboothError("--alpha and --beta must be >= 0 and not both 0")
+        if self.max_timestep is not None and self.max_timestep < 1:
+            raise HyperboothError(f"--max-timestep must be >= 1, got {self.max_timestep}")
 
 
 @dataclass
@@ -59,10 +69,53 @@ class IdentitySet:
     targets: dict[str, torch.Tensor]  # key -> (N, ...) as the adapter stores it
     # The files' adapter config (precompute's settings.json makes it one for all files).
     adapter: AdapterConfig | None = None
+    views: ViewSet | None = None
 
 
-def load_identity_set(base: object, images: str | Path, precomputed: str | Path) -> IdentitySet:
-    """Pair each pre-optimised identity in `precomputed` (its manifest) with its image."""
+@dataclass
+class ViewSet:
+    """Other captioned images of the identities: diffusion targets beside the reference."""
+
+    latent_mean: torch.Tensor  # (M, C, h, w), VAE posterior * scaling_factor
+    latent_std: torch.Tensor
+    ids: torch.Tensor  # (M, 77) token ids of each view's caption
+    of_identity: list[list[int]]  # identity index -> its rows in the tensors above
+
+
+def load_views(base: object, folder: str | Path, names: list[str]) -> ViewSet:
+    """Encode `<folder>/<name>/*.png` (each with a .txt caption) for every identity name."""
+    from hyperbooth.retrieve import captioned_images
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise HyperboothError(
+            f"--views {folder} is not a folder; give one holding <identity>/<view>.png + .txt"
+        )
+    pictures, captions, of_identity = [], [], []
+    for name in names:
+        rows = []
+        if (folder / name).is_dir():
+            for path, text in captioned_images(folder / name):
+                rows.append(len(pictures))
+                pictures.append(load_image(path, base.resolution))
+                captions.append(text)
+        of_identity.append(rows)
+    if not pictures:
+        raise HyperboothError(
+            f"--views {folder} has no folder named after any identity (e.g. {folder / names[0]})"
+        )
+    device = next(base.unet.parameters()).device
+    mean, std = encode_images(base, pictures, device, chunk=64)
+    return ViewSet(mean, std, token_ids(base, captions), of_identity)
+
+
+def load_identity_set(
+    base: object,
+    images: str | Path,
+    precomputed: str | Path,
+    views: str | Path | None = None,
+) -> IdentitySet:
+    """Pair each pre-optimised identity in `precomputed` (its manifest) with its image (and views)."""
     images, precomputed = Path(images), Path(precomputed)
     manifest_path = precomputed / "manifest.json"
     if not manifest_path.is_file():
@@ -93,6 +146,7 @@ def load_identity_set(base: object, images: str | Path, precomputed: str | Path)
         latent_std=std,
         targets={key: torch.stack(values) for key, values in targets.items()},
         adapter=adapter,
+        views=None if views is None else load_views(base, views, names),
     )
 
 
@@ -155,6 +209,28 @@ class HyperNetTraining:
             if owner == component
         }
 
+    def _targets(self, index: torch.Tensor, g: torch.Generator) -> tuple:
+        """Each element's diffusion target: (latent mean, latent std, caption ids).
+
+        Without views that is its reference image and the loss prompt; with views, one drawn
+        uniformly from the reference and the identity's views.
+        """
+        data, views = self.data, self.data.views
+        if views is None:
+            return data.latent_mean[index], data.latent_std[index], self.ids.expand(len(index), -1)
+        means, stds, ids = [], [], []
+        for i in index.tolist():
+            rows = views.of_identity[i]
+            pick = int(torch.randint(0, 1 + len(rows), (1,), generator=g))
+            if pick == 0:
+                means.append(data.latent_mean[i]), stds.append(data.latent_std[i])
+                ids.append(self.ids[0])
+            else:
+                row = rows[pick - 1]
+                means.append(views.latent_mean[row]), stds.append(views.latent_std[row])
+                ids.append(views.ids[row])
+        return torch.stack(means), torch.stack(stds), torch.stack(ids)
+
     def loss(self, batch: StepBatch) -> torch.Tensor:
         """alpha * diffusion loss with predicted weights + beta * weight-space MSE."""
         if batch.batch_size != self.batch_size:
@@ -174,13 +250,16 @@ class HyperNetTraining:
         total = self.config.beta * weight_loss
         diffusion = torch.zeros((), device=device)
         if self.config.alpha > 0:
-            latents = sample_latents(data.latent_mean[index], data.latent_std[index], g)
+            mean, std, ids = self._targets(index, g)
+            latents = sample_latents(mean, std, g)
             text_encoder = _WithParameters(
                 self.base.text_encoder, self._replacements(predicted, "text_encoder")
             )
-            hidden = text_encoder(self.ids.to(device).expand(batch.batch_size, -1))[0]
+            hidden = text_encoder(ids.to(device))[0]
             unet = _WithParameters(self.base.unet, self._replacements(predicted, "unet"))
-            diffusion = diffusion_loss(unet, self.base.scheduler, latents, hidden, g)
+            diffusion = diffusion_loss(
+                unet, self.base.scheduler, latents, hidden, g, max_timestep=self.config.max_timestep
+            )
             total = total + self.config.alpha * diffusion
         terms = {"diffusion": diffusion.item(), "weights": weight_loss.item()}
         self.log.append(terms)
@@ -192,7 +271,12 @@ class HyperNetTraining:
     def save(self, out_dir: Path) -> Path:
         """Write <out>/hypernet/ (weights + JSON) and the per-step loss terms."""
         folder = Path(out_dir) / HYPERNET_DIR
-        info = {"loss": asdict(self.config), "identities": len(self.data.names)}
+        views = self.data.views
+        info = {
+            "loss": asdict(self.config),
+            "identities": len(self.data.names),
+            "views": 0 if views is None else len(views.ids),
+        }
         save_hypernet(self.hypernet, folder, info)
         write_text(Path(out_dir) / "loss_terms.json", json.dumps(self.log))
         return folder
@@ -223,6 +307,7 @@ def train_hypernet(
     accelerator: object,
     resume: bool = False,
     progress: bool = True,
+    views: str | Path | None = None,
 ) -> tuple[TrainResult, int]:
     """Train a hypernetwork on precomputed identities; (the loop's result, identities used).
 
@@ -234,7 +319,13 @@ def train_hypernet(
     from hyperbooth.adapters.inject import target_layers
 
     base.to(accelerator.device)
-    data = load_identity_set(base, images, precomputed)
+    last = base.scheduler.config.num_train_timesteps
+    if loss.max_timestep is not None and loss.max_timestep > last:
+        raise HyperboothError(
+            f"--max-timestep {loss.max_timestep} is past this base's {last} timesteps; "
+            f"give 1-{last}"
+        )
+    data = load_identity_set(base, images, precomputed, views)
     config = replace(config, adapter=data.adapter)
     layers = {
         key: tuple(layer.weight.shape) for key, layer in target_layers(base, data.adapter).items()
@@ -246,6 +337,8 @@ def train_hypernet(
     if log_file is not None:
         method.log = _logged_terms(Path(out), log_file, resume, train_config.gradient_accumulation)
     run_info = {"hypernet": json.loads(config.to_json()), "loss": asdict(loss)}
+    if views is not None:
+        run_info["views"] = str(views)
     try:
         result = train(method, train_config, out, accelerator, resume, run_info, progress)
     finally:

@@ -34,7 +34,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from hyperbooth.adapters.config import AdapterConfig
-from hyperbooth.atomic import stored_bytes, write_text
+from hyperbooth.atomic import atomic_file, stored_bytes, write_text
 from hyperbooth.bases import load_base
 from hyperbooth.errors import HyperboothError, run_module
 from hyperbooth.generate import generate_images
@@ -112,6 +112,31 @@ def identity_images(folder: Path, count: int, seed: int = 0) -> Path:
         path = folder / f"id{identity.index:07d}.png"
         if not path.is_file():
             render(identity, REFERENCE_CONTEXT, identity.index % 1000).save(path)
+    return folder
+
+
+def identity_views(images: Path, folder: Path, per_identity: int, seed: int = 0) -> Path:
+    """per_identity renders of each identity in `images` in random contexts, each captioned.
+
+    `<folder>/<identity>/<k>.png` with `<k>.txt`, a prompt naming every context attribute and
+    the subject by TOKEN ("a sks face wearing a hat on a red background, far away, ..."), for
+    `hyperbooth train-hypernet --views`. Existing files are kept (a rerun tops up).
+    """
+    from hyperbooth.miniworld.captions import prompt_for
+
+    for path in sorted(images.glob("id*.png")):
+        identity = Identity.from_index(int(path.stem[2:]))
+        rng = np.random.default_rng([seed, 0x7669, identity.index])  # "vi"
+        out = folder / path.stem
+        out.mkdir(parents=True, exist_ok=True)
+        for k in range(per_identity):
+            context = random_context(rng)
+            render_seed = int(rng.integers(1_000_000))
+            if (out / f"{k}.png").is_file():
+                continue
+            write_text(out / f"{k}.txt", prompt_for(context.as_dict(), token=TOKEN))
+            with atomic_file(out / f"{k}.png") as temporary:
+                render(identity, context, render_seed).save(temporary, format="PNG")
     return folder
 
 

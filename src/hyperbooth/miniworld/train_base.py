@@ -39,6 +39,8 @@ from hyperbooth.bases import (
     save_base,
 )
 from hyperbooth.diffusion import noised_loss
+from hyperbooth.errors import HyperboothError, run_module
+from hyperbooth.miniworld import recipe_from_json
 from hyperbooth.miniworld.captions import (
     MENTION_PROBABILITY,
     sample_caption,
@@ -108,6 +110,12 @@ class MiniConfig:
     checkpoint_every: int = 250
     sample_every: int = 500  # write a grid of EMA samples to the work folder (0: never)
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("caption_mention_probability", "caption_dropout"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise HyperboothError(f"{name} is a probability: give 0-1, got {value}")
 
 
 def build_models(config: MiniConfig) -> Base:
@@ -551,8 +559,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="diffusers folder to write")
     parser.add_argument("--config", default=None, help="JSON file overriding MiniConfig fields")
     args = parser.parse_args(argv)
-    overrides = json.loads(Path(args.config).read_text()) if args.config else {}
-    config = MiniConfig(**overrides)
+    config = recipe_from_json(MiniConfig, args.config)
     torch.set_num_threads(config.threads)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -590,4 +597,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_module(main, "hyperbooth.miniworld.train_base")

@@ -34,7 +34,7 @@ from hyperbooth.hypernet.model import (
 from hyperbooth.hypernet.precompute import PrecomputeConfig, precompute
 from hyperbooth.hypernet.train import HYPERNET_DIR, HyperLossConfig, train_hypernet
 from hyperbooth.miniworld import recipe_from_json
-from hyperbooth.miniworld.evaluate import identity_images
+from hyperbooth.miniworld.evaluate import identity_images, identity_views
 from hyperbooth.training import TrainConfig, make_accelerator
 
 HYPERNET_FOLDER = BUILT_IN["mini"]
@@ -61,6 +61,11 @@ class HypernetRecipe:
     identities_per_step: int = 16
     precompute_steps: int = 100
     precompute_lr: float = 3e-2
+    # timesteps below this for precompute and the diffusion term (None: all, as shipped)
+    max_timestep: int | None = None
+    # renders of each identity in random captioned contexts as extra diffusion targets
+    # (train-hypernet --views; 0: the reference only, as in the paper and as shipped)
+    views_per_identity: int = 0
     # the hypernetwork: its encoder is SCRATCH_VIT (trained with it) or "mini-encoder" (frozen)
     encoder: str = SCRATCH_VIT
     encoder_width: int = 192  # scratch ViT only
@@ -135,6 +140,8 @@ def main(argv: list[str] | None = None) -> None:
     if accelerator.is_main_process:
         work.mkdir(parents=True, exist_ok=True)
         identity_images(work / "images", recipe.identities, recipe.seed)
+        if recipe.views_per_identity:
+            identity_views(work / "images", work / "views", recipe.views_per_identity, recipe.seed)
         recipe_json = asdict(recipe) | {"adapter": json.loads(recipe.adapter.to_json())}
         write_text(work / "recipe.json", json.dumps(recipe_json, indent=2))
     accelerator.wait_for_everyone()
@@ -152,6 +159,7 @@ def main(argv: list[str] | None = None) -> None:
             steps=recipe.precompute_steps,
             learning_rate=recipe.precompute_lr,
             seed=recipe.seed,
+            max_timestep=recipe.max_timestep,
         ),
         accelerator,
     )
@@ -168,11 +176,12 @@ def main(argv: list[str] | None = None) -> None:
         decoder_layers=recipe.decoder_layers,
         iterations=recipe.iterations,
     )
-    loss = HyperLossConfig(alpha=recipe.alpha, beta=recipe.beta)
+    loss = HyperLossConfig(alpha=recipe.alpha, beta=recipe.beta, max_timestep=recipe.max_timestep)
     resume = (work / "train" / "checkpoint").is_dir()
+    views = work / "views" if recipe.views_per_identity else None
     result, identities = train_hypernet(
         base, work / "images", work / "pre", work / "train", config, loss, train_config,
-        accelerator, resume,
+        accelerator, resume, views=views,
     )  # fmt: skip
     times["train"] = time.perf_counter() - started
 
