@@ -98,13 +98,18 @@ def _train(tmp_path, out: str, steps: int, *extra: str) -> int:
     )  # fmt: skip
 
 
-def test_train_hypernet_runs_and_resumes_exactly(tmp_path):
+def _three_identities(tmp_path, steps: int) -> None:
+    """tmp_path/faces with 3 images and tmp_path/pre with their pre-optimised LiDBs."""
     _faces(tmp_path / "faces", 3)
     assert cli(
         ["precompute", "--base", "tiny-random", "--device", "cpu", "--images",
-         str(tmp_path / "faces"), "--out", str(tmp_path / "pre"), "--steps", "2",
+         str(tmp_path / "faces"), "--out", str(tmp_path / "pre"), "--steps", str(steps),
          "--lidb-a", "16", "--lidb-b", "8"]
     ) == 0  # fmt: skip
+
+
+def test_train_hypernet_runs_and_resumes_exactly(tmp_path):
+    _three_identities(tmp_path, steps=2)
     assert _train(tmp_path, "full", 4) == 0
     assert _train(tmp_path, "split", 2, "--checkpoint-every", "2") == 0
     assert _train(tmp_path, "split", 4, "--checkpoint-every", "2", "--resume") == 0
@@ -163,12 +168,7 @@ def test_views_are_drawn_as_diffusion_targets_with_their_captions(tiny_base, tmp
     from hyperbooth.methods.common import token_ids
     from hyperbooth.training import StepBatch
 
-    _faces(tmp_path / "faces", 3)
-    assert cli(
-        ["precompute", "--base", "tiny-random", "--device", "cpu", "--images",
-         str(tmp_path / "faces"), "--out", str(tmp_path / "pre"), "--steps", "1",
-         "--lidb-a", "16", "--lidb-b", "8"]
-    ) == 0  # fmt: skip
+    _three_identities(tmp_path, steps=1)
     views = tmp_path / "views" / "face_001"  # two views of the second identity only
     views.mkdir(parents=True)
     for i, colour in enumerate(["red", "blue"]):
