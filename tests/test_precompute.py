@@ -123,6 +123,21 @@ def test_max_timestep_bounds_the_fitted_timesteps_and_is_checked_before_writing(
         PrecomputeConfig(max_timestep=0)
 
 
+@pytest.mark.parametrize("shared", [False, True], ids=["own-noise", "shared-noise"])
+def test_with_shared_noise_a_lidb_depends_on_the_image_alone(tiny_base, tmp_path, shared):
+    import shutil
+
+    images = _faces(tmp_path / "faces", 1)
+    shutil.copy(images / "face_000.png", images / "twin.png")  # one image, two names
+    config = PrecomputeConfig(adapter=SMALL, identities_per_step=1, steps=3, shared_noise=shared)
+    precompute(tiny_base, images, tmp_path / "out", config, progress=False)
+    one, two = (load_file(str(tmp_path / "out" / f"{n}.safetensors")) for n in ("face_000", "twin"))
+    same = all(torch.equal(one[k], two[k]) for k in one)
+    assert same == shared
+    settings = json.loads((tmp_path / "out" / "settings.json").read_text())
+    assert settings.get("shared_noise", False) == shared  # left out when off: old sets match
+
+
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "hyperbooth.cli", "precompute", "--base", "tiny-random", *args]
 

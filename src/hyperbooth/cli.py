@@ -524,6 +524,7 @@ def cmd_precompute(args: argparse.Namespace) -> None:
         seed=args.seed,
         mixed_precision=args.mixed_precision,
         max_timestep=args.max_timestep,
+        shared_noise=args.shared_noise,
     )
     accelerator = make_accelerator(
         TrainConfig(device=args.device, mixed_precision=args.mixed_precision)
@@ -1022,6 +1023,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="fit only at diffusion timesteps below this (of 1000; default: all)",
+    )
+    p.add_argument(
+        "--shared-noise",
+        action="store_true",
+        help="give every identity the same noise and timesteps at each step, so its LiDB depends "
+        "on its image alone (default: each identity's own, seeded by its name)",
     )
     _adapter_flags(p)
     p.set_defaults(func=cmd_precompute)

@@ -54,6 +54,9 @@ class PrecomputeConfig:
     seed: int = 0
     mixed_precision: str = "no"
     max_timestep: int | None = None  # fit only at timesteps below this (None: all)
+    # Every identity draws the same noise and timesteps at a step, so its LiDB is a function of
+    # its image alone (False: each identity's own draws, seeded by its name).
+    shared_noise: bool = False
 
     def __post_init__(self) -> None:
         if self.identities_per_step < 1 or self.steps < 1:
@@ -65,8 +68,11 @@ class PrecomputeConfig:
         """What must match for two runs' files to belong to one set (K does not matter)."""
         data = asdict(self)
         data.pop("identities_per_step")
+        # Left out at their defaults, so sets fitted before the settings existed still match.
         if data["max_timestep"] is None:
-            data.pop("max_timestep")  # so sets fitted before the setting existed still match
+            data.pop("max_timestep")
+        if not data["shared_noise"]:
+            data.pop("shared_noise")
         return json.loads(json.dumps(data))  # as stored: tuples become lists
 
 
@@ -132,7 +138,8 @@ def fit_chunk(
         for step in range(config.steps):
             latents, noise, timesteps = [], [], []
             for i, name in enumerate(names):
-                generator = torch.Generator().manual_seed(_identity_seed(config.seed, name, step))
+                key = "" if config.shared_noise else name
+                generator = torch.Generator().manual_seed(_identity_seed(config.seed, key, step))
                 latents.append(sample_latents(mean[i : i + 1], std[i : i + 1], generator))
                 noise.append(torch.randn(latents[-1].shape, generator=generator))
                 timesteps.append(torch.randint(0, num_timesteps, (1,), generator=generator))

@@ -66,6 +66,7 @@ class HypernetRecipe:
     # renders of each identity in random captioned contexts as extra diffusion targets
     # (train-hypernet --views; 0: the reference only, as in the paper and as shipped)
     views_per_identity: int = 0
+    shared_noise: bool = False  # precompute --shared-noise (False: per-identity draws, as shipped)
     # the hypernetwork: its encoder is SCRATCH_VIT (trained with it) or "mini-encoder" (frozen)
     encoder: str = SCRATCH_VIT
     encoder_width: int = 192  # scratch ViT only
@@ -160,6 +161,7 @@ def main(argv: list[str] | None = None) -> None:
             learning_rate=recipe.precompute_lr,
             seed=recipe.seed,
             max_timestep=recipe.max_timestep,
+            shared_noise=recipe.shared_noise,
         ),
         accelerator,
     )
