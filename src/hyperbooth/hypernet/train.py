@@ -218,18 +218,17 @@ class HyperNetTraining:
         data, views = self.data, self.data.views
         if views is None:
             return data.latent_mean[index], data.latent_std[index], self.ids.expand(len(index), -1)
-        means, stds, ids = [], [], []
+        chosen = []
         for i in index.tolist():
             rows = views.of_identity[i]
             pick = int(torch.randint(0, 1 + len(rows), (1,), generator=g))
             if pick == 0:
-                means.append(data.latent_mean[i]), stds.append(data.latent_std[i])
-                ids.append(self.ids[0])
+                chosen.append((data.latent_mean[i], data.latent_std[i], self.ids[0]))
             else:
                 row = rows[pick - 1]
-                means.append(views.latent_mean[row]), stds.append(views.latent_std[row])
-                ids.append(views.ids[row])
-        return torch.stack(means), torch.stack(stds), torch.stack(ids)
+                chosen.append((views.latent_mean[row], views.latent_std[row], views.ids[row]))
+        mean, std, ids = (torch.stack(parts) for parts in zip(*chosen, strict=True))
+        return mean, std, ids
 
     def loss(self, batch: StepBatch) -> torch.Tensor:
         """alpha * diffusion loss with predicted weights + beta * weight-space MSE."""
