@@ -7,6 +7,8 @@ import torch.nn.functional as F
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch import nn
 
+from hyperbooth.errors import HyperboothError
+
 
 def sample_latents(
     mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator
@@ -28,6 +30,19 @@ def diffusion_target(
     if kind == "sample":
         return latents
     raise ValueError(f"unsupported prediction_type {kind!r}")
+
+
+def check_max_timestep(max_timestep: int | None, num_train_timesteps: int | None = None) -> None:
+    """A one-line error unless max_timestep is unset or a timestep bound in 1..num_train_timesteps."""
+    if max_timestep is None:
+        return
+    if max_timestep < 1:
+        raise HyperboothError(f"--max-timestep must be >= 1, got {max_timestep}")
+    if num_train_timesteps is not None and max_timestep > num_train_timesteps:
+        raise HyperboothError(
+            f"--max-timestep {max_timestep} is past this base's {num_train_timesteps} timesteps; "
+            f"give 1-{num_train_timesteps}"
+        )
 
 
 def diffusion_loss(

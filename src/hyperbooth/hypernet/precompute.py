@@ -27,7 +27,7 @@ from hyperbooth.adapters.config import AdapterConfig
 from hyperbooth.adapters.files import METADATA_KEY, adapter_metadata, atomic_save_safetensors
 from hyperbooth.adapters.inject import add_adapter
 from hyperbooth.atomic import write_text
-from hyperbooth.diffusion import noised_loss, sample_latents
+from hyperbooth.diffusion import check_max_timestep, noised_loss, sample_latents
 from hyperbooth.errors import HyperboothError
 from hyperbooth.images import collect_images, load_image
 from hyperbooth.methods.common import encode_images, token_ids
@@ -61,8 +61,7 @@ class PrecomputeConfig:
     def __post_init__(self) -> None:
         if self.identities_per_step < 1 or self.steps < 1:
             raise HyperboothError("--identities-per-step and --steps must be >= 1")
-        if self.max_timestep is not None and self.max_timestep < 1:
-            raise HyperboothError(f"--max-timestep must be >= 1, got {self.max_timestep}")
+        check_max_timestep(self.max_timestep)
 
     def settings(self) -> dict:
         """What must match for two runs' files to belong to one set (K does not matter)."""
@@ -186,12 +185,7 @@ def precompute(
     progress: bool = True,
 ) -> dict:
     """Fit every identity in `images` not yet in out_dir; returns (and writes) the manifest."""
-    last = base.scheduler.config.num_train_timesteps
-    if config.max_timestep is not None and config.max_timestep > last:
-        raise HyperboothError(
-            f"--max-timestep {config.max_timestep} is past this base's {last} timesteps; "
-            f"give 1-{last}"
-        )
+    check_max_timestep(config.max_timestep, base.scheduler.config.num_train_timesteps)
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -30,7 +30,7 @@ from hyperbooth.adapters.config import AdapterConfig
 from hyperbooth.adapters.files import check_fits, read_adapter
 from hyperbooth.adapters.inject import add_adapter
 from hyperbooth.atomic import write_text
-from hyperbooth.diffusion import diffusion_loss, sample_latents
+from hyperbooth.diffusion import check_max_timestep, diffusion_loss, sample_latents
 from hyperbooth.errors import HyperboothError
 from hyperbooth.hypernet.model import HyperNetConfig, HyperNetwork, save_hypernet
 from hyperbooth.images import load_image, to_tensor
@@ -54,8 +54,7 @@ class HyperLossConfig:
     def __post_init__(self) -> None:
         if self.alpha < 0 or self.beta < 0 or self.alpha + self.beta == 0:
             raise HyperboothError("--alpha and --beta must be >= 0 and not both 0")
-        if self.max_timestep is not None and self.max_timestep < 1:
-            raise HyperboothError(f"--max-timestep must be >= 1, got {self.max_timestep}")
+        check_max_timestep(self.max_timestep)
 
 
 @dataclass
@@ -318,12 +317,7 @@ def train_hypernet(
     from hyperbooth.adapters.inject import target_layers
 
     base.to(accelerator.device)
-    last = base.scheduler.config.num_train_timesteps
-    if loss.max_timestep is not None and loss.max_timestep > last:
-        raise HyperboothError(
-            f"--max-timestep {loss.max_timestep} is past this base's {last} timesteps; "
-            f"give 1-{last}"
-        )
+    check_max_timestep(loss.max_timestep, base.scheduler.config.num_train_timesteps)
     data = load_identity_set(base, images, precomputed, views)
     config = replace(config, adapter=data.adapter)
     layers = {

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from hyperbooth.diffusion import diffusion_loss, sample_latents
+from hyperbooth.diffusion import check_max_timestep, diffusion_loss, sample_latents
 from hyperbooth.errors import HyperboothError
 from hyperbooth.images import IMAGE_SUFFIXES, collect_images, load_image, save_png, to_tensor
 from hyperbooth.training import StepBatch
@@ -34,8 +34,7 @@ class SubjectConfig:
     max_timestep: int | None = None
 
     def __post_init__(self) -> None:
-        if self.max_timestep is not None and self.max_timestep < 1:
-            raise HyperboothError(f"--max-timestep must be >= 1, got {self.max_timestep}")
+        check_max_timestep(self.max_timestep)
         if not self.token or any(c.isspace() for c in self.token):
             raise HyperboothError(f"--token must be one word, got {self.token!r}")
         if self.instance_prompt is not None and self.token not in self.instance_prompt.split():
@@ -125,12 +124,7 @@ def prepare_subject(
         raise HyperboothError(
             "no training images given; pass --images with 1-5 photos of the subject"
         )
-    last = base.scheduler.config.num_train_timesteps
-    if subject.max_timestep is not None and subject.max_timestep > last:
-        raise HyperboothError(
-            f"--max-timestep {subject.max_timestep} is past this base's {last} timesteps; "
-            f"give 1-{last}"
-        )
+    check_max_timestep(subject.max_timestep, base.scheduler.config.num_train_timesteps)
     mean, std = encode_images(base, images, device)
     data = SubjectData(mean, std, token_ids(base, subject.prompt).to(device))
     if subject.regularisation_dir:
