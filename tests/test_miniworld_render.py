@@ -24,6 +24,7 @@ from hyperbooth.miniworld.render import (
     TRAITS,
     Context,
     Identity,
+    feature_map,
     held_out,
     random_context,
     random_identity,
@@ -31,6 +32,7 @@ from hyperbooth.miniworld.render import (
     render_array,
     render_batch,
     render_pair,
+    render_pair_array,
 )
 
 STYLES = range(len(CONTEXT_ATTRIBUTES["style"]))
@@ -114,6 +116,34 @@ def test_every_context_value_changes_the_image(style):
             if value != getattr(context, name):
                 changed = render_array(identity, _with(context, **{name: value}), seed=3)
                 assert not np.array_equal(reference, changed), (name, values[value])
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_the_feature_map_covers_the_small_features_wherever_the_face_is(style):
+    rng = np.random.default_rng(300 + style)
+    small = ("eye_colour", "mark", "nose", "mouth", "eyebrows", "eye_spacing")
+    for _ in range(4):
+        identity = random_identity(rng)
+        context = _with(random_context(rng), style=style)
+        seed = int(rng.integers(1000))
+        region = feature_map(context, seed) > 0
+        assert 0.05 < region.mean() < 0.35  # the face, not the picture
+        reference = render_array(identity, context, seed)
+        for name in small:
+            value = (getattr(identity, name) + 1) % len(TRAITS[name])
+            changed = render_array(_with(identity, **{name: value}), context, seed)
+            moved = (changed != reference).any(axis=-1)
+            # Glasses' arms reach the side of the head, outside the region.
+            assert moved.any() and moved[region].sum() >= 0.9 * moved.sum(), name
+    # A pair has one region per face, each where that face is drawn.
+    a, b, context = random_identity(rng), random_identity(rng), random_context(rng)
+    region = feature_map(context, seed=7, pair=True) > 0
+    changed = render_pair_array(_with(a, mouth=(a.mouth + 1) % 3), b, context, seed=7)
+    moved = (changed != render_pair_array(a, b, context, seed=7)).any(axis=-1)
+    assert moved[region].sum() >= 0.95 * moved.sum()
+    half = SIZE // 2
+    assert region[:, :half].any() and region[:, half:].any()
+    assert not np.array_equal(region, feature_map(context, seed=8, pair=True) > 0)  # jitter
 
 
 def test_inverted_colours_is_the_shaded_picture_inverted():

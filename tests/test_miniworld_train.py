@@ -125,3 +125,65 @@ def test_a_probability_outside_0_1_in_the_recipe_is_a_one_line_error(tmp_path, c
             ]
         )
     assert not (tmp_path / "work").exists()
+
+
+def _run(tmp_path, name: str, recipe: dict, *extra: str) -> dict:
+    """One toy run in its own work folder; its losses.json."""
+    config = tmp_path / f"{name}.json"
+    config.write_text(json.dumps(recipe))
+    work = tmp_path / name
+    main(["--work", str(work), "--out", str(work / "model"), "--config", str(config), *extra])
+    return json.loads((work / "losses.json").read_text())
+
+
+def test_face_loss_weight_and_init_from_reuse_what_they_should(tmp_path):
+    import pytest
+
+    from hyperbooth.errors import HyperboothError
+
+    plain = _run(tmp_path, "plain", TOY)
+    data = load_file(str(tmp_path / "plain" / "dataset.safetensors"))
+    features = data["features"].float()
+    assert features.shape == (len(data["mean"]), 16, 16)  # on the latent grid
+    assert 0 <= features.min() and features.max() <= 1 and 0.05 < features.mean() < 0.35
+
+    # The same data, noise and initial weights; only the loss's weighting differs.
+    weighted = _run(tmp_path, "weighted", {**TOY, "face_loss_weight": 4.0})
+    assert weighted["vae"] == plain["vae"] and weighted["text"] == plain["text"]
+    assert weighted["denoiser"][0] != plain["denoiser"][0]
+
+    # --init-from: the VAE and text encoder come from a trained folder and are not retrained.
+    reused = _run(tmp_path, "reused", TOY, "--init-from", str(tmp_path / "plain" / "model"))
+    assert set(reused) == {"denoiser"}
+    for part in ("vae", "text_encoder"):
+        name = "diffusion_pytorch_model" if part == "vae" else "model"
+        source, copy_ = (
+            load_file(str(tmp_path / run / "model" / part / f"{name}.safetensors"))
+            for run in ("plain", "reused")
+        )
+        assert source.keys() == copy_.keys()
+        assert all(torch.equal(source[k], copy_[k]) for k in source)
+    scaling = (
+        load_base(str(tmp_path / r / "model")).vae.config.scaling_factor
+        for r in ("plain", "reused")
+    )
+    assert len(set(scaling)) == 1
+
+    with pytest.raises(HyperboothError, match="does not match this recipe"):
+        _run(
+            tmp_path,
+            "wider",
+            {**TOY, "text_hidden": 48},
+            "--init-from",
+            str(tmp_path / "plain" / "model"),
+        )
+    old = tmp_path / "old"
+    old.mkdir()
+    without = {k: v for k, v in data.items() if k != "features"}
+    from safetensors.torch import save_file
+
+    save_file(without, str(old / "dataset.safetensors"))
+    with pytest.raises(HyperboothError, match="predates feature maps"):
+        _run(tmp_path, "old", {**TOY, "face_loss_weight": 1.0})
+    with pytest.raises(HyperboothError, match="face_loss_weight must be >= 0"):
+        _run(tmp_path, "negative", {**TOY, "face_loss_weight": -1.0})

@@ -696,11 +696,22 @@ def _draw(faces: Sequence[tuple[Identity, _Pose]], context: Context, seed: int) 
     return 255 - image if style.invert else image
 
 
+def _single_pose(context: Context, seed: int) -> _Pose:
+    """Where the face of a one-face picture goes."""
+    scale = _FRAMING_SCALE[context.framing]
+    return _pose(SIZE / 2, _FRAMING_CENTRE_Y[context.framing], scale, seed, 0)
+
+
+def _pair_poses(seed: int) -> list[_Pose]:
+    """Where the left and right faces of a pair go: side by side at the far-away size."""
+    far = CONTEXT_ATTRIBUTES["framing"].index("far away")
+    scale, y = _FRAMING_SCALE[far], _FRAMING_CENTRE_Y[far]
+    return [_pose(x, y, scale, seed, slot) for slot, x in enumerate(_PAIR_CENTRES_X, start=1)]
+
+
 def render_array(identity: Identity, context: Context, seed: int) -> np.ndarray:
     """One face as a (64, 64, 3) uint8 array; a pure function of its arguments."""
-    scale = _FRAMING_SCALE[context.framing]
-    pose = _pose(SIZE / 2, _FRAMING_CENTRE_Y[context.framing], scale, seed, 0)
-    return _draw([(identity, pose)], context, seed)
+    return _draw([(identity, _single_pose(context, seed))], context, seed)
 
 
 def render(identity: Identity, context: Context, seed: int) -> Image.Image:
@@ -725,13 +736,33 @@ def render_batch(
 
 def render_pair_array(a: Identity, b: Identity, context: Context, seed: int) -> np.ndarray:
     """a (left) and b (right) side by side at the far-away size as a (64, 64, 3) uint8 array."""
-    scale = _FRAMING_SCALE[CONTEXT_ATTRIBUTES["framing"].index("far away")]
-    y = _FRAMING_CENTRE_Y[CONTEXT_ATTRIBUTES["framing"].index("far away")]
-    faces = [
-        (identity, _pose(x, y, scale, seed, slot))
-        for slot, (identity, x) in enumerate(zip((a, b), _PAIR_CENTRES_X, strict=True), start=1)
-    ]
-    return _draw(faces, context, seed)
+    return _draw(list(zip((a, b), _pair_poses(seed), strict=True)), context, seed)
+
+
+# The region of a face that holds its small features (brows, eyes, glasses, nose, mouth, marks
+# from forehead to chin), as a superellipse |x|^4 + |y|^4 <= 1 in face units: what a loss can
+# weight up so that they are learnt sooner.
+_FEATURES_CENTRE = (0.0, 0.1)
+_FEATURES_RADII = (0.95, 0.9)
+_FEATURES_EXPONENT = 4
+
+
+def feature_map(context: Context, seed: int, pair: bool = False) -> np.ndarray:
+    """(64, 64) float32: 1 on pixels inside a face's feature region, 0 elsewhere.
+
+    The same poses as `render_array` (or `render_pair_array` with pair=True) for this context and
+    seed, so the map lines up with the picture; it does not depend on who is drawn.
+    """
+    poses = _pair_poses(seed) if pair else [_single_pose(context, seed)]
+    centres = np.stack(np.meshgrid(np.arange(SIZE), np.arange(SIZE)), axis=-1) + 0.5  # (y, x, 2)
+    inside = np.zeros((SIZE, SIZE), dtype=bool)
+    for pose in poses:
+        cos, sin = math.cos(pose.angle), math.sin(pose.angle)
+        to_pixels = pose.scale * np.array([[cos, sin], [-sin, cos]])
+        units = (centres - np.array([pose.x, pose.y])) @ np.linalg.inv(to_pixels)
+        offset = (units - np.array(_FEATURES_CENTRE)) / np.array(_FEATURES_RADII)
+        inside |= (np.abs(offset) ** _FEATURES_EXPONENT).sum(axis=-1) <= 1.0
+    return inside.astype(np.float32)
 
 
 def pair_box(side: int) -> tuple[int, int, int, int]:
