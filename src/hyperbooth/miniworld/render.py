@@ -745,6 +745,8 @@ def render_pair_array(a: Identity, b: Identity, context: Context, seed: int) -> 
 _FEATURES_CENTRE = (0.0, 0.1)
 _FEATURES_RADII = (0.95, 0.9)
 _FEATURES_EXPONENT = 4
+# Each output pixel's centre as (x, y), indexed [row, column].
+_PIXEL_CENTRES = np.stack(np.meshgrid(np.arange(SIZE), np.arange(SIZE)), axis=-1) + 0.5
 
 
 def feature_map(context: Context, seed: int, pair: bool = False) -> np.ndarray:
@@ -754,12 +756,11 @@ def feature_map(context: Context, seed: int, pair: bool = False) -> np.ndarray:
     seed, so the map lines up with the picture; it does not depend on who is drawn.
     """
     poses = _pair_poses(seed) if pair else [_single_pose(context, seed)]
-    centres = np.stack(np.meshgrid(np.arange(SIZE), np.arange(SIZE)), axis=-1) + 0.5  # (y, x, 2)
     inside = np.zeros((SIZE, SIZE), dtype=bool)
     for pose in poses:
         cos, sin = math.cos(pose.angle), math.sin(pose.angle)
         to_pixels = pose.scale * np.array([[cos, sin], [-sin, cos]])
-        units = (centres - np.array([pose.x, pose.y])) @ np.linalg.inv(to_pixels)
+        units = (_PIXEL_CENTRES - np.array([pose.x, pose.y])) @ np.linalg.inv(to_pixels)
         offset = (units - np.array(_FEATURES_CENTRE)) / np.array(_FEATURES_RADII)
         inside |= (np.abs(offset) ** _FEATURES_EXPONENT).sum(axis=-1) <= 1.0
     return inside.astype(np.float32)

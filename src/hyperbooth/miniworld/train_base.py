@@ -43,6 +43,7 @@ from hyperbooth.errors import HyperboothError, run_module
 from hyperbooth.miniworld import recipe_from_json
 from hyperbooth.miniworld.captions import (
     MENTION_PROBABILITY,
+    ExampleInfo,
     sample_caption,
     sample_training_example,
 )
@@ -186,24 +187,17 @@ def _autocast(precision: str):
 
 
 def _batch_images(
-    rng: np.random.Generator,
-    n: int,
-    mention_probability: float = MENTION_PROBABILITY,
-    features: list[np.ndarray] | None = None,
-) -> tuple[torch.Tensor, list[str]]:
-    """n fresh training renders as (n, 3, 64, 64) in [-1, 1], with their captions.
-
-    With `features`, each render's feature map (render.feature_map) is appended to it.
-    """
-    images, captions = [], []
+    rng: np.random.Generator, n: int, mention_probability: float = MENTION_PROBABILITY
+) -> tuple[torch.Tensor, list[str], list[ExampleInfo]]:
+    """n fresh training renders as (n, 3, 64, 64) in [-1, 1], with their captions and infos."""
+    images, captions, infos = [], [], []
     for _ in range(n):
         image, text, info = sample_training_example(rng, mention_probability=mention_probability)
         images.append(image)
         captions.append(text)
-        if features is not None:
-            features.append(feature_map(info.context, info.seed, len(info.identities) == 2))
+        infos.append(info)
     pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
-    return pixels, captions
+    return pixels, captions, infos
 
 
 def snr_weights(scheduler, timesteps: torch.Tensor, gamma: float | None) -> torch.Tensor:
@@ -276,7 +270,7 @@ def train_vae(base: Base, config: MiniConfig, work: Path) -> tuple[list[float], 
         range(start, config.vae_steps), initial=start, total=config.vae_steps, desc="vae"
     ):
         rng = np.random.default_rng([config.seed, 1, step])
-        pixels, _ = _batch_images(rng, config.vae_batch)
+        pixels, _, _ = _batch_images(rng, config.vae_batch)
         # One random crop per batch, on the latent grid so crops line up with whole-image latents.
         factor = 2 ** (len(config.vae_channels) - 1)
         top, left = rng.integers(0, (SIZE - config.vae_crop) // factor + 1, 2) * factor
@@ -300,7 +294,7 @@ def train_vae(base: Base, config: MiniConfig, work: Path) -> tuple[list[float], 
     _save_state(checkpoint, {"vae": vae}, optimizer, config.vae_steps, losses)
     vae.eval().requires_grad_(False)
     with torch.no_grad(), _autocast(config.mixed_precision):
-        pixels, _ = _batch_images(np.random.default_rng([config.seed, 2]), 256)
+        pixels, _, _ = _batch_images(np.random.default_rng([config.seed, 2]), 256)
         latents = vae.encode(pixels).latent_dist.mean
         reconstruction = vae.decode(latents).sample.float()
     vae.register_to_config(scaling_factor=float(1.0 / latents.float().std()))
@@ -408,8 +402,8 @@ def encode_dataset(base: Base, config: MiniConfig, work: Path) -> dict[str, torc
     rng = np.random.default_rng([config.seed, 3])
     chunk = 256
     for _ in tqdm(range(0, config.examples, chunk), desc="encode"):
-        maps: list[np.ndarray] = []
-        pixels, captions = _batch_images(rng, chunk, config.caption_mention_probability, maps)
+        pixels, captions, infos = _batch_images(rng, chunk, config.caption_mention_probability)
+        maps = [feature_map(i.context, i.seed, pair=len(i.identities) == 2) for i in infos]
         with _autocast(config.mixed_precision):
             posterior = base.vae.encode(pixels).latent_dist
         grid = posterior.mean.shape[-1]
@@ -621,15 +615,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     config = recipe_from_json(MiniConfig, args.config)
     torch.set_num_threads(config.threads)
+    base = build_models(config)
+    if args.init_from:  # a folder that does not fit fails here, before anything is written
+        reuse_encoders(base, args.init_from)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     write_text(work / "config.json", json.dumps(asdict(config), indent=2))
     times: dict[str, float] = {}
-    base = build_models(config)
     vae_losses, vae_test_mse, text_losses, text_accuracy = [], None, [], None
-    if args.init_from:
-        reuse_encoders(base, args.init_from)
-    else:
+    if not args.init_from:
         started = time.perf_counter()
         vae_losses, vae_test_mse = train_vae(base, config, work)
         times["vae"] = time.perf_counter() - started
