@@ -37,7 +37,6 @@ import datetime
 import hashlib
 import json
 import os
-import platform
 import shlex
 import shutil
 import statistics
@@ -46,6 +45,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from hyperbooth.machine import machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a sks face"
@@ -241,7 +242,7 @@ def save(args: argparse.Namespace, examples: Path, runs: list[dict], summary: li
     report = {
         "command": shlex.join([sys.executable, *sys.argv]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
+        "machine": machine_info(args.threads),
         "peer_scripts_sha256": {
             name: hashlib.sha256((examples / "dreambooth" / name).read_bytes()).hexdigest()
             for name in ("train_dreambooth_lora.py", "train_dreambooth.py")

@@ -35,10 +35,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.metadata
 import json
 import os
-import platform
 import resource
 import shlex
 import signal
@@ -49,6 +47,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from hyperbooth.machine import GB, KIB, machine_info, meminfo_gb
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -83,13 +83,12 @@ TARGETS = (
 )
 
 RESULT_MARKER = "STEP_TIME_RESULT "  # a child's one result line on stdout
-GB = 1e9
-KIB = 1024
 
 
 # -- the child: one configuration, one process ----------------------------------------------
-# torch and hyperbooth are imported inside the child's functions only: the parent stays a small
-# stdlib process that neither competes with a child for memory nor adds to what it inherits.
+# torch and hyperbooth's modelling code are imported inside the child's functions only (the
+# parent imports just the stdlib-only hyperbooth.machine): the parent stays a small process
+# that neither competes with a child for memory nor adds to what it inherits.
 def noise_image(resolution: int, seed: int) -> Image.Image:
     """A random-noise RGB image resolution x resolution (the VAE encodes it at that size)."""
     import numpy as np
@@ -229,51 +228,6 @@ def child_main(spec_json: str) -> None:
 
 
 # -- the parent: plan, run children one at a time, aggregate, report -------------------------
-def meminfo_gb(field: str) -> float | None:
-    """A field of /proc/meminfo (MemTotal, MemAvailable) in GB, or None off Linux."""
-    path = Path("/proc/meminfo")
-    if path.exists():
-        for line in path.read_text().splitlines():
-            if line.startswith(f"{field}:"):
-                return int(line.split()[1]) * KIB / GB
-    return None
-
-
-def machine_info(threads: int) -> dict:
-    """CPU, cores, memory, library versions and load (stdlib only: torch is not imported here)."""
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    fields: dict[str, str] = {}
-    cores: set[tuple[str, str]] = set()
-    physical_id = ""
-    for line in cpuinfo.splitlines():
-        key, _, value = (part.strip() for part in line.partition(":"))
-        fields.setdefault(key, value)
-        if key == "physical id":
-            physical_id = value
-        elif key == "core id":
-            cores.add((physical_id, value))
-    flags = set(fields.get("flags", "").split())
-    versions = {}
-    for package in ("torch", "diffusers", "transformers", "accelerate", "hyperbooth"):
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            versions[package] = None
-    return {
-        "cpu": fields.get("model name", platform.processor() or platform.machine()),
-        "logical_cores": os.cpu_count(),
-        "physical_cores": len(cores) or None,
-        "usable_cores": len(os.sched_getaffinity(0)),
-        "threads": threads,
-        "amx_flags": sorted(f for f in flags if f.startswith("amx")),
-        "avx512_bf16": "avx512_bf16" in flags,
-        "memory_gb": meminfo_gb("MemTotal"),
-        "python": platform.python_version(),
-        "versions": versions,
-        "load_average_at_start": os.getloadavg(),
-    }
-
-
 def plan(args: argparse.Namespace) -> list[dict]:
     """One spec per configuration, in report order (a repeat runs them all once)."""
     specs = []

@@ -23,6 +23,7 @@ from PIL import Image
 from hyperbooth.adapters.config import AdapterConfig
 from hyperbooth.atomic import read_lines, stored_bytes, write_text
 from hyperbooth.errors import HyperboothError
+from hyperbooth.machine import machine_info
 from hyperbooth.methods import NEW_WORD_METHODS
 
 PROMPTS = Path(__file__).parent / "data" / "prompts"
@@ -362,6 +363,7 @@ def run_cell(
         "row": settings,
         "subject": subject.name,
         "seconds": {"fit": fit_seconds, "generate": generate_seconds},
+        "machine": machine_info(),
         "stored_bytes": stored_bytes(stored),
         "scores": scores,
     }

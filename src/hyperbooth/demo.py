@@ -20,6 +20,7 @@ from hyperbooth.generate import generate_images, image_grid
 from hyperbooth.hypernet.model import load_hypernet
 from hyperbooth.hypernet.personalize import PersonalizeConfig, personalize
 from hyperbooth.images import save_png
+from hyperbooth.machine import machine_info
 from hyperbooth.methods import SubjectConfig, personalise
 from hyperbooth.miniworld.judges import Judge
 from hyperbooth.training import TrainConfig
@@ -147,6 +148,7 @@ def run_demo(
         "adapter_file": str(output),
         "adapter_bytes": output.stat().st_size,
         "seconds": {k: round(v, 2) for k, v in times.items()},
+        "machine": machine_info(),
         "scores": scores,
         "grid": str(grid),
     }

@@ -38,6 +38,7 @@ from hyperbooth.atomic import atomic_file, stored_bytes, write_text
 from hyperbooth.bases import load_base
 from hyperbooth.errors import HyperboothError, run_module
 from hyperbooth.generate import generate_images
+from hyperbooth.machine import machine_info
 from hyperbooth.methods import NEW_WORD_METHODS
 from hyperbooth.miniworld.captions import caption, pair_caption, sample_training_example
 from hyperbooth.miniworld.judges import Judge, identity_score, prompt_score
@@ -781,6 +782,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         argv if argv is not None else sys.argv[1:]
     )
     report["seconds"] = time.perf_counter() - started
+    report["machine"] = machine_info()
     write_text(Path(args.out), json.dumps(report, indent=2))
     print(json.dumps({k: v for k, v in report.items() if k != "identities"}, indent=2))
 

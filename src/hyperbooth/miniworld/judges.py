@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from hyperbooth.adapters.files import atomic_save_safetensors
 from hyperbooth.atomic import write_text
 from hyperbooth.errors import HyperboothError
+from hyperbooth.machine import machine_info
 from hyperbooth.miniworld.captions import parse_prompt
 from hyperbooth.miniworld.render import (
     CONTEXT_ATTRIBUTES,
@@ -346,6 +347,7 @@ def train_judge(config: JudgeConfig, progress: bool = True) -> Judge:
         "pair_accuracy": accuracy(judge, pair_images, pair_labels),
         "chance": chance_levels(),
         "seconds": time.perf_counter() - started,
+        "machine": machine_info(),
         "final_loss": float(np.mean(losses[-per_epoch:])),
     }
     return judge

@@ -40,6 +40,7 @@ from hyperbooth.bases import (
 )
 from hyperbooth.diffusion import noised_loss
 from hyperbooth.errors import HyperboothError, run_module
+from hyperbooth.machine import machine_info
 from hyperbooth.miniworld import recipe_from_json
 from hyperbooth.miniworld.captions import (
     MENTION_PROBABILITY,
@@ -640,6 +641,7 @@ def main(argv: list[str] | None = None) -> None:
     times["denoiser"] = time.perf_counter() - started
     report = {
         "seconds": times,
+        "machine": machine_info(),
         "init_from": args.init_from,
         "vae_final_mse": float(np.mean(vae_losses[-50:])) if vae_losses else None,
         "vae_test_mse": vae_test_mse,

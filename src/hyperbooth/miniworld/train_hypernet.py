@@ -33,6 +33,7 @@ from hyperbooth.hypernet.model import (
 )
 from hyperbooth.hypernet.precompute import PrecomputeConfig, precompute
 from hyperbooth.hypernet.train import HYPERNET_DIR, HyperLossConfig, train_hypernet
+from hyperbooth.machine import machine_info
 from hyperbooth.miniworld import recipe_from_json
 from hyperbooth.miniworld.evaluate import identity_images, identity_views
 from hyperbooth.training import TrainConfig, make_accelerator
@@ -194,6 +195,7 @@ def main(argv: list[str] | None = None) -> None:
             "identities": identities,
             "processes": accelerator.num_processes,
             "seconds": times,
+            "machine": machine_info(),
             "recipe": json.loads((work / "recipe.json").read_text()),
             "final_loss_terms": terms[-1] if terms else None,
         }
