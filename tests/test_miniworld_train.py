@@ -177,6 +177,9 @@ def test_face_loss_weight_and_init_from_reuse_what_they_should(tmp_path):
             "--init-from",
             str(tmp_path / "plain" / "model"),
         )
+    with pytest.raises(HyperboothError, match="--init-from .*no diffusers folder there"):
+        _run(tmp_path, "missing", TOY, "--init-from", str(tmp_path / "does-not-exist"))
+    assert not (tmp_path / "missing").exists()
     old = tmp_path / "old"
     old.mkdir()
     without = {k: v for k, v in data.items() if k != "features"}

@@ -581,8 +581,13 @@ def plot_losses(losses: dict[str, list[float]], path: Path) -> None:
 
 def reuse_encoders(base: Base, source: str) -> None:
     """Put the VAE and text encoder of a trained mini-architecture folder (or "mini") into base."""
-    from hyperbooth.bases import load_base
+    from hyperbooth.bases import MINI, load_base
 
+    if source != MINI and not Path(source, "model_index.json").is_file():
+        raise HyperboothError(
+            f"--init-from {source}: no diffusers folder there (no model_index.json); give a "
+            "folder that train_base wrote (its --out), or mini"
+        )
     trained = load_base(source)
     for name in ("vae", "text_encoder"):
         try:
