@@ -121,6 +121,7 @@ def test_training_reduces_loss_and_trains_only_the_adapter(tiny_base, tmp_path):
                 assert torch.equal(before[id(p)], p), name
 
 
+@pytest.mark.filterwarnings("ignore:--mixed-precision bf16 on a CPU without")  # emulated here
 def test_bf16_autocast_keeps_trainable_tensors_float32(tiny_base, tmp_path):
     result = personalise(
         tiny_base,

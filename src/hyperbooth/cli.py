@@ -745,7 +745,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--mixed-precision",
         choices=PRECISIONS,
         default="no",
-        help="bf16 helps on CPUs with AMX and on GPUs",
+        help="autocast: bf16 helps on GPUs and on CPUs with bf16 hardware (AMX-BF16 / "
+        "AVX512-BF16) and is emulated, slower, elsewhere; auto picks it where it helps",
     )
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument(
@@ -1017,7 +1018,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--prompt", default="a sks face", help="the prompt every identity is fitted to")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--mixed-precision", choices=PRECISIONS, default="no")
+    p.add_argument(
+        "--mixed-precision",
+        choices=PRECISIONS,
+        default="no",
+        help="autocast (auto: where it helps)",
+    )
     p.add_argument(
         "--max-timestep",
         type=int,
@@ -1078,7 +1084,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=None, help="default 1e-4")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--mixed-precision", choices=PRECISIONS, default="no")
+    p.add_argument(
+        "--mixed-precision",
+        choices=PRECISIONS,
+        default="no",
+        help="autocast (auto: where it helps)",
+    )
     p.add_argument("--checkpoint-every", type=int, default=0)
     p.add_argument("--resume", action="store_true")
     p.set_defaults(func=cmd_train_hypernet)
@@ -1126,7 +1137,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token", default="sks")
     p.add_argument("--class", dest="class_name", default="face")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--mixed-precision", choices=PRECISIONS, default="no")
+    p.add_argument(
+        "--mixed-precision",
+        choices=PRECISIONS,
+        default="no",
+        help="autocast (auto: where it helps)",
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_personalize)
 

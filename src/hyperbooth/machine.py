@@ -45,6 +45,35 @@ def parse_cpuinfo(text: str) -> tuple[dict[str, str], int | None]:
     return fields, len(cores) or None
 
 
+NATIVE_BF16_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
+CPU_PRECISIONS = ("auto", "bf16", "no")
+
+
+def cpu_flags() -> set[str]:
+    """The first processor's feature flags from /proc/cpuinfo (empty off Linux)."""
+    path = Path("/proc/cpuinfo")
+    fields, _ = parse_cpuinfo(path.read_text() if path.exists() else "")
+    return set(fields.get("flags", "").split())
+
+
+def native_bf16_cpu(flags: set[str] | None = None) -> bool:
+    """Whether this CPU does bf16 arithmetic in hardware (AMX-BF16 or AVX512-BF16)."""
+    return bool(NATIVE_BF16_FLAGS & (cpu_flags() if flags is None else flags))
+
+
+def cpu_precision(precision: str, flags: set[str] | None = None) -> str:
+    """The CPU autocast precision to run: "auto" is "bf16" where bf16 is native, else "no".
+
+    Without hardware bf16 (an AVX2-only CPU) bf16 autocast is emulated: measured 15x slower
+    than float32 for the mini VAE (8 s against 0.53 s a step on a 2-core AMD EPYC).
+    """
+    if precision not in CPU_PRECISIONS:
+        raise ValueError(f"mixed precision must be one of {CPU_PRECISIONS}, got {precision!r}")
+    if precision == "auto":
+        return "bf16" if native_bf16_cpu(flags) else "no"
+    return precision
+
+
 def machine_info(threads: int | None = None) -> dict:
     """The host, its CPU's bf16 features, memory, library versions and load, as JSON data.
 
@@ -70,6 +99,7 @@ def machine_info(threads: int | None = None) -> dict:
         "threads": threads,
         "amx_flags": sorted(f for f in flags if f.startswith("amx")),
         "avx512_bf16": "avx512_bf16" in flags,
+        "native_bf16": native_bf16_cpu(flags),
         "memory_gb": meminfo_gb("MemTotal"),
         "python": platform.python_version(),
         "versions": versions,

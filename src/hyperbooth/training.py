@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -24,8 +25,9 @@ from tqdm.auto import tqdm
 
 from hyperbooth.adapters.files import atomic_save_safetensors
 from hyperbooth.errors import HyperboothError
+from hyperbooth.machine import cpu_precision, native_bf16_cpu
 
-PRECISIONS = ("no", "bf16", "fp16")
+PRECISIONS = ("no", "bf16", "fp16", "auto")  # auto: resolve_precision
 FOREACH_MAX_NUMBERS = 50_000_000
 
 
@@ -38,7 +40,7 @@ class TrainConfig:
     batch_size: int = 1
     gradient_accumulation: int = 1
     seed: int = 0
-    mixed_precision: str = "no"  # autocast dtype; trainable tensors stay float32
+    mixed_precision: str = "no"  # autocast dtype (PRECISIONS); trainable tensors stay float32
     checkpoint_every: int = 0  # 0: only at the end
     max_grad_norm: float | None = 1.0
     weight_decay: float = 0.0
@@ -94,13 +96,33 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
         )
     if config.mixed_precision == "fp16" and use_cpu:
         raise HyperboothError("fp16 mixed precision needs a GPU; on CPU use --mixed-precision bf16")
+    if config.mixed_precision == "bf16" and use_cpu and not native_bf16_cpu():
+        warnings.warn(
+            "--mixed-precision bf16 on a CPU without bf16 hardware (AMX-BF16 / AVX512-BF16) is "
+            "emulated and several times slower than float32; use --mixed-precision no or auto",
+            stacklevel=2,
+        )
     # Precision is not given to the Accelerator: its state is a process-wide singleton that
     # refuses a second setting, and a library process may train several methods in turn.
     return Accelerator(cpu=use_cpu)
 
 
+def resolve_precision(device: torch.device, precision: str) -> str:
+    """The precision "auto" means on the device; other values unchanged.
+
+    A GPU: bf16 where it has it, else fp16. A CPU: bf16 where it has bf16 in hardware
+    (AMX-BF16 / AVX512-BF16), else none.
+    """
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return cpu_precision("auto") if device.type == "cpu" else "no"
+
+
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """Autocast to bf16/fp16 on the device, or nothing for "no"."""
+    """Autocast to bf16/fp16 on the device, or nothing for "no" ("auto": resolve_precision)."""
+    precision = resolve_precision(device, precision)
     if precision == "no":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
@@ -248,7 +270,8 @@ def train(
     params = list(trainable.values())
     lr = config.learning_rate if config.learning_rate is not None else method.default_learning_rate
     optimizer = make_adamw(params, lr, config.weight_decay)
-    scaler = torch.amp.GradScaler("cuda") if config.mixed_precision == "fp16" else None
+    precision = resolve_precision(accelerator.device, config.mixed_precision)
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     # Settings a resumed run must share; steps and checkpoint cadence may change (to extend a run).
     loop = {
         k: v for k, v in asdict(config).items() if k not in ("steps", "checkpoint_every", "device")
@@ -274,7 +297,7 @@ def train(
         step_loss = 0.0
         for micro in range(config.gradient_accumulation):
             batch = StepBatch(step_generator(config.seed, step, micro, rank), config.batch_size)
-            with autocast(accelerator.device, config.mixed_precision):
+            with autocast(accelerator.device, precision):
                 loss = method.loss(batch) / config.gradient_accumulation
             (scaler.scale(loss) if scaler else loss).backward()
             step_loss += loss.item()

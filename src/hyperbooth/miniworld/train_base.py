@@ -40,7 +40,7 @@ from hyperbooth.bases import (
 )
 from hyperbooth.diffusion import noised_loss
 from hyperbooth.errors import HyperboothError, run_module
-from hyperbooth.machine import machine_info
+from hyperbooth.machine import CPU_PRECISIONS, cpu_precision, machine_info
 from hyperbooth.miniworld import recipe_from_json
 from hyperbooth.miniworld.captions import (
     MENTION_PROBABILITY,
@@ -57,9 +57,11 @@ class MiniConfig:
 
     seed: int = 0
     threads: int = 2
-    # bf16 autocast for the VAE (AMX-BF16 makes it ~2x faster on this CPU) but not for the
-    # denoiser: at 16x16 latents its small matmuls ran 1.5x slower in bf16 than in float32.
-    mixed_precision: str = "bf16"
+    # bf16 autocast for the VAE where the CPU has bf16 in hardware ("auto": AMX-BF16 made it ~2x
+    # faster; an AVX2-only CPU emulates bf16, 15x slower than float32) but not for the denoiser:
+    # at 16x16 latents its small matmuls ran 1.5x slower in bf16 than in float32. Each is one
+    # of machine.CPU_PRECISIONS; the report records what "auto" became.
+    mixed_precision: str = "auto"
     denoiser_mixed_precision: str = "no"
     # VAE: two downsamplings, 64x64 -> 16x16. It is fully convolutional (no mid-block attention),
     # so it trains on random crops at a quarter of the cost and still encodes whole images.
@@ -124,6 +126,11 @@ class MiniConfig:
                 raise HyperboothError(f"{name} is a probability: give 0-1, got {value}")
         if self.face_loss_weight < 0:
             raise HyperboothError(f"face_loss_weight must be >= 0, got {self.face_loss_weight}")
+        for name in ("mixed_precision", "denoiser_mixed_precision"):
+            if getattr(self, name) not in CPU_PRECISIONS:
+                raise HyperboothError(
+                    f"{name} must be one of {CPU_PRECISIONS}, got {getattr(self, name)!r}"
+                )
 
 
 def build_models(config: MiniConfig) -> Base:
@@ -183,8 +190,8 @@ def build_models(config: MiniConfig) -> Base:
 
 
 def _autocast(precision: str):
-    """bf16 autocast on the CPU when asked for."""
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    """bf16 autocast on the CPU when asked for ("auto": where the CPU has bf16 in hardware)."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_precision(precision) == "bf16")
 
 
 def _batch_images(
@@ -647,6 +654,10 @@ def main(argv: list[str] | None = None) -> None:
     report = {
         "seconds": times,
         "machine": machine_info(),
+        "mixed_precision": {
+            "vae": cpu_precision(config.mixed_precision),
+            "denoiser": cpu_precision(config.denoiser_mixed_precision),
+        },
         "init_from": args.init_from,
         "vae_final_mse": float(np.mean(vae_losses[-50:])) if vae_losses else None,
         "vae_test_mse": vae_test_mse,

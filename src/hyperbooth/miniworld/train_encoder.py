@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from hyperbooth.atomic import write_text
 from hyperbooth.errors import run_module
+from hyperbooth.machine import cpu_precision, machine_info
 from hyperbooth.miniworld import recipe_from_json
 from hyperbooth.miniworld.captions import training_identity
 from hyperbooth.miniworld.judges import as_batch
@@ -65,7 +66,7 @@ class EncoderRecipe:
     lr: float = 2e-3
     temperature: float = 0.1
     noise: float = 0.05  # max std of pixel noise added to a view, in [-1, 1] units
-    mixed_precision: str = "bf16"
+    mixed_precision: str = "auto"  # bf16 where the CPU has it in hardware (machine.cpu_precision)
     checkpoint_every: int = 250
     eval_identities: int = 256
     seed: int = 0
@@ -204,12 +205,13 @@ def train_encoder(
         seconds, losses = saved["seconds"], saved["losses"][:start]
     bar = tqdm(total=recipe.steps, initial=start, desc="encoder", disable=not progress)
     began = time.perf_counter() - seconds
+    precision = cpu_precision(recipe.mixed_precision)
     for step in range(start, min(recipe.steps, stop_at or recipe.steps)):
         modules.train()
         for group in optimizer.param_groups:  # cosine decay over the run
             group["lr"] = recipe.lr * 0.5 * (1 + math.cos(math.pi * step / recipe.steps))
         images, count = contrastive_batch(step, recipe)
-        with torch.autocast("cpu", torch.bfloat16, enabled=recipe.mixed_precision == "bf16"):
+        with torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
             loss = info_nce(head(pooled(encoder, images)), count, recipe.temperature)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -229,6 +231,8 @@ def train_encoder(
     info = {
         "recipe": asdict(recipe),
         "train_seconds": seconds,
+        "machine": machine_info(),
+        "mixed_precision": precision,
         "final_loss_mean_50": float(np.mean(losses[-50:])),
         "retrieval": retrieval_accuracy(encoder, recipe),
         "note": "contrastive identity encoder for mini's hypernetwork; "
