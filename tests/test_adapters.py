@@ -239,3 +239,77 @@ def test_switch_refuses_merged_adapters(tiny_base):
     switch_adapters(tiny_base, below=None)  # no switch asked for: nothing to refuse
     with pytest.raises(HyperboothError, match="adapter-below must be a timestep >= 0"):
         switch_adapters(tiny_base, below=-1)
+
+
+def test_box_mask_is_the_share_of_each_cell_the_box_covers():
+    from hyperbooth.adapters.layers import box_mask
+
+    left = box_mask((0.0, 0.0, 0.5, 1.0), 2, 4)
+    assert torch.equal(left, torch.tensor([[1.0, 1, 0, 0], [1, 1, 0, 0]]))
+    assert torch.allclose(box_mask((0.25, 0.0, 0.75, 1.0), 1, 2), torch.tensor([[0.5, 0.5]]))
+    inner = box_mask((0.1, 0.2, 0.7, 0.9), 5, 7)
+    assert inner.shape == (5, 7) and float(inner.sum()) == pytest.approx(0.6 * 0.7 * 35)
+
+
+def _first_layer(adapter, kind: type):
+    """The adapter's first layer of a class, with its key."""
+    return next((k, layer) for k, layer in adapter.layers.items() if isinstance(layer, kind))
+
+
+def test_a_regional_adapter_acts_only_inside_its_box(tiny_base):
+    from hyperbooth.adapters.layers import AdaptedConv2d, AdaptedLinear
+
+    adapter = add_adapter(tiny_base, CONFIGS["lora-r2-conv"])
+    randomize(adapter, scale=0.5)
+    _, conv = _first_layer(adapter, AdaptedConv2d)
+    x = torch.randn(1, conv.base_layer.in_channels, 8, 8)
+    with torch.no_grad():
+        bare, adapted = conv.base_layer(x), conv(x)
+        conv.regions[adapter.name] = (0.0, 0.0, 0.5, 1.0)  # the left half
+        regional = conv(x)
+    assert torch.equal(regional[..., :4], adapted[..., :4])
+    assert torch.equal(regional[..., 4:], bare[..., 4:])
+    assert not torch.allclose(adapted[..., 4:], bare[..., 4:])
+
+    # Tokens of a transformer block: (B, H*W, C) on the grid of a 16x8 (H x W) input, 4x downsampled.
+    key, linear = _first_layer(adapter, AdaptedLinear)
+    assert "to_k" not in key and "to_v" not in key
+    tokens = torch.randn(1, 8, linear.in_features)  # a 4 x 2 grid
+    linear.sample_size = (16, 8)
+    linear.regions[adapter.name] = (0.5, 0.0, 1.0, 1.0)  # the right column
+    with torch.no_grad():
+        bare, regional = linear.base_layer(tokens), linear(tokens)
+        linear.regions.clear()
+        adapted = linear(tokens)
+    right = torch.tensor([False, True] * 4)
+    assert torch.equal(regional[:, right], adapted[:, right])
+    assert torch.equal(regional[:, ~right], bare[:, ~right])
+    linear.regions[adapter.name] = (0.5, 0.0, 1.0, 1.0)
+    with pytest.raises(ValueError, match="not a grid"):
+        linear(torch.randn(1, 7, linear.in_features))
+
+
+def test_set_region_covers_the_unets_spatial_layers_and_full_changes_nothing(tiny_base):
+    from hyperbooth.adapters.inject import parse_region, set_region
+
+    adapter = add_adapter(tiny_base, CONFIGS["lora-r2-conv"])
+    randomize(adapter, scale=0.5)
+    adapted = outputs(tiny_base)
+    set_region(tiny_base, [adapter], parse_region("full"))
+    assert torch.equal(outputs(tiny_base)[0], adapted[0])  # a mask of ones is exact
+    regional = {key for key, layer in adapter.layers.items() if adapter.name in layer.regions}
+    assert regional and all(key.startswith("unet.") for key in regional)
+    assert not any("attn2.to_k" in key or "attn2.to_v" in key for key in regional)
+    assert {key for key in adapter.layers if key.startswith("unet.")} - regional  # cross K/V
+    set_region(tiny_base, [adapter], parse_region("left"))
+    left = outputs(tiny_base)
+    assert not torch.allclose(left[0], adapted[0])
+    assert torch.equal(left[1], adapted[1])  # the text encoder is not regional
+    with pytest.raises(ValueError, match="region"):
+        adapter.merge()
+    set_region(tiny_base, [adapter], None)
+    assert torch.equal(outputs(tiny_base)[0], adapted[0])
+    assert parse_region("0,0.25,1,0.75") == (0.0, 0.25, 1.0, 0.75)
+    for bad in ("middle", "0,0,2,1", "0.5,0,0.5,1"):
+        with pytest.raises(HyperboothError, match="region"):
+            parse_region(bad)

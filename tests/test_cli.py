@@ -72,6 +72,27 @@ def test_train_generate_round_trip(tmp_path, photo_dir, capsys):
         assert record["adapters"] == [{"path": str(adapter), "weight": 0.5}]
         assert record["adapter_below"] == 900
     assert np.array_equal(grids[0], grids[1])
+    # One subject per side: the same file twice, each with its own region.
+    grid = tmp_path / "regions.png"
+    argv = [
+        "generate",
+        "--base",
+        "tiny-random",
+        "--adapter",
+        str(adapter),
+        "--adapter",
+        str(adapter),
+    ]
+    argv += ["--region", "left", "--region", "0.5,0,1,1", "--prompt", "a sks face"]
+    argv += ["--n", "1", "--steps", "2", "--out", str(grid)]
+    assert main(argv) == 0
+    regions = [a["region"] for a in json.loads(grid.with_suffix(".json").read_text())["adapters"]]
+    assert regions == [[0.0, 0.0, 0.5, 1.0], [0.5, 0.0, 1.0, 1.0]]
+    capsys.readouterr()
+    argv[argv.index("0.5,0,1,1")] = "middle"
+    assert "region 'middle'" in _error(capsys, argv)
+    one_region = [*argv[:9], "--prompt", "a sks face", "--out", str(grid)]
+    assert "--region was given 1 times for 2 --adapter" in _error(capsys, one_region)
 
     for fmt, target in (
         ("diffusers", tmp_path / "exported"),

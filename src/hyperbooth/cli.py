@@ -295,6 +295,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     import torch
 
     from hyperbooth.adapters.files import load_adapters
+    from hyperbooth.adapters.inject import parse_region, set_region
     from hyperbooth.atomic import write_text
     from hyperbooth.bases import load_base
     from hyperbooth.generate import generate_images, image_grid
@@ -318,11 +319,20 @@ def cmd_generate(args: argparse.Namespace) -> None:
         path, weight = _parse_adapter_arg(spec)
         tokens = load_custom_diffusion(path, base, weight)
         concepts.append({"path": str(path), "weight": weight, "tokens": tokens})
+    if args.region and len(args.region) != len(args.adapter):
+        raise HyperboothError(
+            f"--region was given {len(args.region)} times for {len(args.adapter)} --adapter: "
+            "give one per adapter, in the same order (full for everywhere)"
+        )
+    regions = [parse_region(spec) for spec in args.region]  # bad specs fail before loading
     adapters = []
-    for spec in args.adapter:
+    for k, spec in enumerate(args.adapter):
         path, weight = _parse_adapter_arg(spec)
-        load_adapters(path, base, name=f"adapter{len(adapters)}", weight=weight)
+        loaded = load_adapters(path, base, name=f"adapter{len(adapters)}", weight=weight)
         adapters.append({"path": str(path), "weight": weight})
+        if regions:
+            set_region(base, loaded, regions[k])
+            adapters[-1]["region"] = list(regions[k])
     started = time.perf_counter()
     rows = generate_images(
         base,
@@ -824,6 +834,15 @@ def build_parser() -> argparse.ArgumentParser:
     _base_flags(p)
     p.add_argument(
         "--adapter", action="append", default=[], metavar="FILE[:WEIGHT]", help="repeatable"
+    )
+    p.add_argument(
+        "--region",
+        action="append",
+        default=[],
+        metavar="REGION",
+        help="where the matching --adapter draws (one per --adapter, in order): left, right, top, "
+        "bottom, full or x0,y0,x1,y1 as fractions; its UNet layers with a spatial output act "
+        "only there, e.g. one subject per side of 'a face next to a face'",
     )
     p.add_argument(
         "--textual-inversion",

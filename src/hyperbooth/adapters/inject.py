@@ -18,6 +18,7 @@ from hyperbooth.adapters.config import COMPONENTS, AdapterConfig
 from hyperbooth.adapters.layers import (
     AdaptedLayer,
     AdapterWeights,
+    Box,
     can_adapt,
     make_weights,
     shaped_factors,
@@ -212,6 +213,62 @@ def adapted_layers(base: object) -> dict[str, AdaptedLayer]:
             if isinstance(module, AdaptedLayer):
                 found[f"{component}.{path}"] = module
     return found
+
+
+CROSS_ATTENTION_KV = re.compile(r"attn2\.to_[kv]$")  # they read the text tokens, not the picture
+
+
+def parse_region(spec: str) -> Box:
+    """A region spec (left, right, top, bottom, full, or x0,y0,x1,y1 as fractions) as a box."""
+    named = {
+        "full": (0.0, 0.0, 1.0, 1.0),
+        "left": (0.0, 0.0, 0.5, 1.0),
+        "right": (0.5, 0.0, 1.0, 1.0),
+        "top": (0.0, 0.0, 1.0, 0.5),
+        "bottom": (0.0, 0.5, 1.0, 1.0),
+    }
+    if spec in named:
+        return named[spec]
+    try:
+        x0, y0, x1, y1 = (float(v) for v in spec.split(","))
+    except ValueError:
+        raise HyperboothError(
+            f"region {spec!r}: give left, right, top, bottom, full or x0,y0,x1,y1 in [0, 1]"
+        ) from None
+    if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
+        raise HyperboothError(f"region {spec!r}: need 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1")
+    return (x0, y0, x1, y1)
+
+
+def _record_sample_size(unet: nn.Module, args: tuple, kwargs: dict) -> None:
+    """UNet forward pre-hook: tell its regional layers the input's (H, W)."""
+    sample = args[0] if args else kwargs["sample"]
+    for module in unet.modules():
+        if isinstance(module, AdaptedLayer) and module.regions:
+            module.sample_size = tuple(sample.shape[-2:])
+
+
+def set_region(base: object, adapters: list[Adapter], box: Box | None) -> None:
+    """Keep the adapters' UNet contributions inside a box of the picture (None: everywhere).
+
+    Layers without a spatial output (cross-attention K/V, which read the text; time
+    embeddings; the text encoder) still act everywhere.
+    """
+    for adapter in adapters:
+        for key, layer in adapter.layers.items():
+            if not key.startswith("unet.") or CROSS_ATTENTION_KV.search(key):
+                continue
+            if box is None:
+                layer.regions.pop(adapter.name, None)
+            elif adapter.name in layer.merged:
+                raise HyperboothError(
+                    f"adapter {adapter.name!r} is merged; a region needs it unmerged"
+                )
+            else:
+                layer.regions[adapter.name] = box
+    if box is not None and not hasattr(base.unet, "_hyperbooth_region_hook"):
+        hook = base.unet.register_forward_pre_hook(_record_sample_size, with_kwargs=True)
+        base.unet._hyperbooth_region_hook = hook
 
 
 class disable_adapters:

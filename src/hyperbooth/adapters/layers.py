@@ -182,8 +182,26 @@ def shaped_factors(
     return down.reshape(down.shape[0], *weight_shape[1:]), up.reshape(*up.shape, 1, 1)
 
 
+Box = tuple[float, float, float, float]  # (x0, y0, x1, y1) as fractions of width and height
+
+
+def box_mask(box: Box, height: int, width: int) -> torch.Tensor:
+    """(height, width): the share of each grid cell that the box covers."""
+
+    def cover(start: float, end: float, cells: int) -> torch.Tensor:
+        edges = torch.arange(cells + 1, dtype=torch.float32) / cells
+        return ((edges[1:].clamp(start, end) - edges[:-1].clamp(start, end)) * cells).clamp(0, 1)
+
+    x0, y0, x1, y1 = box
+    return cover(y0, y1, height)[:, None] * cover(x0, x1, width)[None, :]
+
+
 class AdaptedLayer(nn.Module):
-    """A frozen layer plus any number of named adapters, each with its own scale."""
+    """A frozen layer plus any number of named adapters, each with its own scale.
+
+    An adapter may also have a region (a box of the picture): on a layer whose output is a
+    spatial grid its contribution is then kept only there (regional composition of subjects).
+    """
 
     def __init__(self, base_layer: nn.Module):
         super().__init__()
@@ -192,6 +210,8 @@ class AdaptedLayer(nn.Module):
         self.scales: dict[str, float] = {}
         self.merged: list[str] = []
         self.disabled = False
+        self.regions: dict[str, Box] = {}
+        self.sample_size: tuple[int, int] | None = None  # the UNet input's (H, W), for tokens
 
     @property
     def weight(self) -> torch.Tensor:
@@ -216,6 +236,7 @@ class AdaptedLayer(nn.Module):
             self.unmerge(name)
         del self.adapters[name]
         del self.scales[name]
+        self.regions.pop(name, None)
 
     def _delta(self, name: str) -> torch.Tensor:
         """The scaled weight change of one adapter, in the base weight's shape and dtype."""
@@ -229,6 +250,8 @@ class AdaptedLayer(nn.Module):
         """Add the adapter's delta into the base weight; it then stops acting as a side path."""
         if name in self.merged:
             return
+        if name in self.regions:
+            raise ValueError(f"adapter {name!r} has a region; a merged weight acts everywhere")
         with torch.no_grad():
             self.base_layer.weight += self._delta(name)
         self.merged.append(name)
@@ -260,8 +283,26 @@ class AdaptedLayer(nn.Module):
             # Under autocast the matmuls pick their own precision; otherwise match the adapter dtype.
             autocast = torch.is_autocast_enabled(x.device.type)
             delta = self.adapter_output(weights, x if autocast else x.to(param.dtype))
+            if name in self.regions:
+                delta = delta * self._region_mask(self.regions[name], delta).to(delta.dtype)
             out = out + scale * delta.to(out.dtype)
         return out
+
+    def _region_mask(self, box: Box, delta: torch.Tensor) -> torch.Tensor:
+        """The box as a mask broadcastable to delta: (B, C, H, W) maps or (B, H*W, C) tokens."""
+        if delta.dim() == 4:
+            return box_mask(box, *delta.shape[-2:]).to(delta.device)
+        if delta.dim() == 2:  # no spatial grid (a time embedding): it acts everywhere
+            return torch.ones((), device=delta.device)
+        tokens = delta.shape[1]
+        if delta.dim() != 3 or self.sample_size is None:
+            raise ValueError("a region needs a spatial output: (B, C, H, W) or (B, H*W, C)")
+        height, width = self.sample_size
+        factor = math.sqrt(height * width / tokens)  # the downsampling from input to this layer
+        rows, cols = round(height / factor), round(width / factor)
+        if rows * cols != tokens:
+            raise ValueError(f"{tokens} tokens are not a grid of a {height}x{width} input")
+        return box_mask(box, rows, cols).reshape(1, tokens, 1).to(delta.device)
 
 
 class AdaptedLinear(AdaptedLayer):
