@@ -10,6 +10,7 @@ from hyperbooth.bases import load_base
 from hyperbooth.errors import HyperboothError
 from hyperbooth.miniworld.evaluate import (
     EVALUATION_CONTEXTS,
+    TWO_CONCEPT_APPROACHES,
     PersonalisationConfig,
     TwoConceptConfig,
     held_out_identities,
@@ -120,9 +121,23 @@ def test_two_concepts_scores_every_approach_and_the_base(toy_world):
         pairs=1, steps=2, images=1, sampling_steps=2, regularisation_images=2, threshold=0.0
     )
     result = two_concepts(base, judge, config, progress=False)
-    assert set(result["summary"]) == {"joint", "merge", "weighting", "base"}
+    assert set(result["summary"]) == {*TWO_CONCEPT_APPROACHES, "base"}
     # threshold 0: every half counts as either subject, so "both" must be 1 everywhere
     assert all(scores["both"] == 1.0 for scores in result["summary"].values())
+    # the regional approaches share their two LoRA fits
+    fits = result["fit_seconds_mean"]
+    assert fits["regional"] == fits["conv-everywhere"] > 0
+
+
+def test_two_concepts_runs_only_the_approaches_asked_for(toy_world):
+    base, judge = toy_world
+    config = TwoConceptConfig(
+        pairs=1, steps=1, images=1, sampling_steps=2, approaches=("regional",)
+    )
+    result = two_concepts(base, judge, config, progress=False)
+    assert set(result["summary"]) == {"regional", "base"}
+    with pytest.raises(HyperboothError, match="unknown two-concept approach 'both'"):
+        TwoConceptConfig(approaches=("regional", "both"))
 
 
 def test_identity_images_are_distinct_training_identities_and_top_up(tmp_path):

@@ -505,11 +505,27 @@ class TwoConceptConfig:
     seed: int = 0
     threshold: float = 0.7  # a face half is a subject when this share of its traits match
     regularisation_images: int = 200
+    approaches: tuple[str, ...] = ()  # () or a subset of TWO_CONCEPT_APPROACHES; () = all
+    # The conv LoRA of the regional approaches: the layer set that personalises mini
+    # (docs/MINIWORLD.md), fitted below timestep 800 so the prompt keeps the layout.
+    lora_rank: int = 16
+    lora_learning_rate: float = 1e-3
+    lora_max_timestep: int | None = 800
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.approaches) - set(TWO_CONCEPT_APPROACHES))
+        if unknown:
+            raise HyperboothError(
+                f"unknown two-concept approach {unknown[0]!r}; choose from {TWO_CONCEPT_APPROACHES}"
+            )
 
 
-TWO_CONCEPT_APPROACHES = ("joint", "merge", "weighting")
+# regional: a conv LoRA per subject, each kept to its half of the picture (left / right);
+# conv-everywhere: the same two LoRAs with no region (what weighting does with them).
+TWO_CONCEPT_APPROACHES = ("joint", "merge", "weighting", "regional", "conv-everywhere")
 # Weighting combines two LiDBs, each trained on its own rare word that the tokenizer knows.
 LIDB_WORDS = ("sks", "phol")
+CONV_TARGETS = (r".*resnets\.\d+\.conv[12]",)
 
 
 def both_recognised(
@@ -537,12 +553,15 @@ def both_recognised(
 def two_concepts(
     base: object, judge: Judge, config: TwoConceptConfig, progress: bool = True
 ) -> dict:
-    """Fit pairs of held-out identities three ways; how often are both drawn in one picture?
+    """Fit pairs of held-out identities several ways; how often are both drawn in one picture?
 
     joint: Custom Diffusion on both at once; merge: Custom Diffusion on each, then the
-    closed-form merge; weighting: a LiDB per subject (words sks / phol), both loaded at weight 1.
+    closed-form merge; weighting: a LiDB per subject (words sks / phol), both loaded at weight 1;
+    regional: a conv LoRA per subject, the first kept to the left half, the second to the right;
+    conv-everywhere: those two LoRAs with no region.
     """
     from hyperbooth.adapters.files import load_adapters
+    from hyperbooth.adapters.inject import parse_region, set_region
     from hyperbooth.merge import merge_custom_diffusion
     from hyperbooth.methods import (
         CustomDiffusionConfig,
@@ -553,12 +572,17 @@ def two_concepts(
     from hyperbooth.methods.custom_diffusion import load_custom_diffusion
     from hyperbooth.training import TrainConfig
 
+    approaches = config.approaches or TWO_CONCEPT_APPROACHES
     identities = held_out_identities(2 * config.pairs, config.seed + 1)
     work = tempfile.TemporaryDirectory()
     root = Path(work.name)
-    regularisation = str(
-        regularisation_folder(root / "regularisation", config.regularisation_images, config.seed)
-    )
+    regularisation = None
+    if {"joint", "merge"} & set(approaches):
+        regularisation = str(
+            regularisation_folder(
+                root / "regularisation", config.regularisation_images, config.seed
+            )
+        )
     sample = {
         "n": config.images,
         "seed": config.seed + 2000,
@@ -575,6 +599,9 @@ def two_concepts(
 
     cd = CustomDiffusionConfig(seed=config.seed)
     cd_prompt = "a <a> face next to a <b> face"
+    lidb_prompt = f"a {LIDB_WORDS[0]} face next to a {LIDB_WORDS[1]} face"
+    conv_prompt = f"a {TOKEN} face next to a {TOKEN} face"
+    conv = AdapterConfig(kind="lora", rank=config.lora_rank, unet_targets=CONV_TARGETS)
     rows = []
     for p in tqdm(range(config.pairs), disable=not progress, desc="pairs"):
         a, b = identities[2 * p], identities[2 * p + 1]
@@ -582,58 +609,88 @@ def two_concepts(
         out = root / f"pair{p}"
         row: dict = {"identities": [a.index, b.index]}
         seconds: dict = {}
-        # joint training
-        started = time.perf_counter()
-        model = copy.deepcopy(base)
-        personalise_concepts(
-            model,
-            [(concept("<a>"), [refs[0]]), (concept("<b>"), [refs[1]])],
-            out / "joint",
-            cd,
-            train_config(2 * config.steps, config.learning_rate),
-            progress=False,
-        )
-        seconds["joint"] = time.perf_counter() - started
-        images = {"joint": generate_images(model, [cd_prompt], **sample)[0]}
-        # separate training, then the closed-form merge
-        started = time.perf_counter()
-        files = []
-        for token, ref in zip(("<a>", "<b>"), refs, strict=True):
-            result = personalise(
-                copy.deepcopy(base),
-                [ref],
-                out / token.strip("<>"),
-                "custom-diffusion",
-                concept(token),
-                train_config=train_config(config.steps, config.learning_rate),
-                progress=False,
-                custom_diffusion=cd,
-            )
-            files.append(result.output)
-        merged = out / "merged.safetensors"
-        merge_custom_diffusion(files, copy.deepcopy(base), merged)
-        model = copy.deepcopy(base)
-        load_custom_diffusion(merged, model)
-        seconds["merge"] = time.perf_counter() - started
-        images["merge"] = generate_images(model, [cd_prompt], **sample)[0]
-        # two LiDBs combined by weight
-        started = time.perf_counter()
-        model = copy.deepcopy(base)
-        for word, ref in zip(LIDB_WORDS, refs, strict=True):
-            result = personalise(
-                copy.deepcopy(base),
-                [ref],
-                out / word,
-                "lidb",
-                SubjectConfig(token=word, class_name="face"),
-                AdapterConfig(kind="lidb"),
-                train_config(config.steps, config.lidb_learning_rate),
+        images = {}
+        if "joint" in approaches:
+            started = time.perf_counter()
+            model = copy.deepcopy(base)
+            personalise_concepts(
+                model,
+                [(concept("<a>"), [refs[0]]), (concept("<b>"), [refs[1]])],
+                out / "joint",
+                cd,
+                train_config(2 * config.steps, config.learning_rate),
                 progress=False,
             )
-            load_adapters(result.output, model, name=f"subject_{word}", weight=1.0)
-        seconds["weighting"] = time.perf_counter() - started
-        lidb_prompt = f"a {LIDB_WORDS[0]} face next to a {LIDB_WORDS[1]} face"
-        images["weighting"] = generate_images(model, [lidb_prompt], **sample)[0]
+            seconds["joint"] = time.perf_counter() - started
+            images["joint"] = generate_images(model, [cd_prompt], **sample)[0]
+        if "merge" in approaches:  # separate training, then the closed-form merge
+            started = time.perf_counter()
+            files = []
+            for token, ref in zip(("<a>", "<b>"), refs, strict=True):
+                result = personalise(
+                    copy.deepcopy(base),
+                    [ref],
+                    out / token.strip("<>"),
+                    "custom-diffusion",
+                    concept(token),
+                    train_config=train_config(config.steps, config.learning_rate),
+                    progress=False,
+                    custom_diffusion=cd,
+                )
+                files.append(result.output)
+            merged = out / "merged.safetensors"
+            merge_custom_diffusion(files, copy.deepcopy(base), merged)
+            model = copy.deepcopy(base)
+            load_custom_diffusion(merged, model)
+            seconds["merge"] = time.perf_counter() - started
+            images["merge"] = generate_images(model, [cd_prompt], **sample)[0]
+        if "weighting" in approaches:  # two LiDBs combined by weight
+            started = time.perf_counter()
+            model = copy.deepcopy(base)
+            for word, ref in zip(LIDB_WORDS, refs, strict=True):
+                result = personalise(
+                    copy.deepcopy(base),
+                    [ref],
+                    out / word,
+                    "lidb",
+                    SubjectConfig(token=word, class_name="face"),
+                    AdapterConfig(kind="lidb"),
+                    train_config(config.steps, config.lidb_learning_rate),
+                    progress=False,
+                )
+                load_adapters(result.output, model, name=f"subject_{word}", weight=1.0)
+            seconds["weighting"] = time.perf_counter() - started
+            images["weighting"] = generate_images(model, [lidb_prompt], **sample)[0]
+        if {"regional", "conv-everywhere"} & set(approaches):  # a conv LoRA per subject
+            started = time.perf_counter()
+            files = []
+            for k, ref in enumerate(refs):
+                subject = SubjectConfig(
+                    token=TOKEN, class_name="face", max_timestep=config.lora_max_timestep
+                )
+                result = personalise(
+                    copy.deepcopy(base),
+                    [ref],
+                    out / f"conv{k}",
+                    "lora",
+                    subject,
+                    conv,
+                    train_config(config.steps, config.lora_learning_rate),
+                    progress=False,
+                    train_text_encoder=False,
+                )
+                files.append(result.output)
+            fitted = time.perf_counter() - started
+            for name, regions in (("regional", ("left", "right")), ("conv-everywhere", None)):
+                if name not in approaches:
+                    continue
+                model = copy.deepcopy(base)
+                for k, file in enumerate(files):
+                    loaded = load_adapters(file, model, name=f"subject{k}", weight=1.0)
+                    if regions:
+                        set_region(model, loaded, parse_region(regions[k]))
+                seconds[name] = fitted
+                images[name] = generate_images(model, [conv_prompt], **sample)[0]
         images["base"] = generate_images(base, ["a face next to a face"], **sample)[0]
         row["scores"] = {
             name: both_recognised(judge, pictures, a, b, config.threshold)
@@ -642,7 +699,7 @@ def two_concepts(
         row["fit_seconds"] = seconds
         rows.append(row)
     work.cleanup()
-    names = (*TWO_CONCEPT_APPROACHES, "base")
+    names = (*approaches, "base")
     summary = {
         name: {
             score: float(np.mean([row["scores"][name][score] for row in rows]))
@@ -652,11 +709,10 @@ def two_concepts(
     }
     return {
         "config": asdict(config),
-        "prompts": {"custom-diffusion": cd_prompt, "weighting": lidb_prompt},
+        "prompts": {"custom-diffusion": cd_prompt, "weighting": lidb_prompt, "conv": conv_prompt},
         "summary": summary,
         "fit_seconds_mean": {
-            name: float(np.mean([row["fit_seconds"][name] for row in rows]))
-            for name in TWO_CONCEPT_APPROACHES
+            name: float(np.mean([row["fit_seconds"][name] for row in rows])) for name in approaches
         },
         "pairs": rows,
     }
@@ -683,6 +739,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--identities", type=int, default=20)
     parser.add_argument("--pairs", type=int, default=8, help="two-concepts: identity pairs")
+    parser.add_argument(
+        "--approaches",
+        nargs="+",
+        default=[],
+        help=f"two-concepts: a subset of {', '.join(TWO_CONCEPT_APPROACHES)} (default: all)",
+    )
     parser.add_argument(
         "--lidb-learning-rate", type=float, default=None, help="two-concepts: the LiDBs' rate"
     )
@@ -757,6 +819,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             learning_rate=args.learning_rate,
             lidb_learning_rate=args.lidb_learning_rate,
             seed=args.seed,
+            approaches=tuple(args.approaches),
         )
         report = two_concepts(base, judge, config)
     else:
