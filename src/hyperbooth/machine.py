@@ -9,10 +9,12 @@ seconds. Standard library only: no torch import.
 from __future__ import annotations
 
 import datetime
+import functools
 import importlib.metadata
 import os
 import platform
 import sys
+from collections.abc import Set
 from pathlib import Path
 
 GB = 1e9
@@ -49,19 +51,23 @@ NATIVE_BF16_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
 CPU_PRECISIONS = ("auto", "bf16", "no")
 
 
-def cpu_flags() -> set[str]:
-    """The first processor's feature flags from /proc/cpuinfo (empty off Linux)."""
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The first processor's feature flags from /proc/cpuinfo (empty off Linux), read once.
+
+    Cached: autocast contexts ask on every training step.
+    """
     path = Path("/proc/cpuinfo")
     fields, _ = parse_cpuinfo(path.read_text() if path.exists() else "")
-    return set(fields.get("flags", "").split())
+    return frozenset(fields.get("flags", "").split())
 
 
-def native_bf16_cpu(flags: set[str] | None = None) -> bool:
+def native_bf16_cpu(flags: Set[str] | None = None) -> bool:
     """Whether this CPU does bf16 arithmetic in hardware (AMX-BF16 or AVX512-BF16)."""
     return bool(NATIVE_BF16_FLAGS & (cpu_flags() if flags is None else flags))
 
 
-def cpu_precision(precision: str, flags: set[str] | None = None) -> str:
+def cpu_precision(precision: str, flags: Set[str] | None = None) -> str:
     """The CPU autocast precision to run: "auto" is "bf16" where bf16 is native, else "no".
 
     Without hardware bf16 (an AVX2-only CPU) bf16 autocast is emulated: measured 15x slower
