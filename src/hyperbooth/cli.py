@@ -7,7 +7,9 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from hyperbooth.atomic import read_lines, stored_bytes
 from hyperbooth.errors import HyperboothError
@@ -101,6 +103,29 @@ def _adapter_config(args: argparse.Namespace, kind: str):
         )
     except ValueError as e:
         raise HyperboothError(str(e)) from e
+
+
+def _precision_flag(p: argparse.ArgumentParser) -> None:
+    """--mixed-precision, as every training verb takes it."""
+    from hyperbooth.training import PRECISIONS
+
+    p.add_argument(
+        "--mixed-precision",
+        choices=PRECISIONS,
+        default="no",
+        help="autocast: bf16 helps on GPUs and on CPUs with bf16 hardware (AMX-BF16 / "
+        "AVX512-BF16) and is emulated, slower, elsewhere; auto picks it where it helps",
+    )
+
+
+def _verb(verbs: Any, name: str, summary: str, func: Callable) -> argparse.ArgumentParser:
+    """A sub-command whose --help shows its handler's docstring as written."""
+    return verbs.add_parser(
+        name,
+        help=summary,
+        description=func.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
 
 
 def _base_flags(parser: argparse.ArgumentParser, required: bool = True) -> None:
@@ -706,7 +731,6 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every verb."""
     from hyperbooth.adapters.export import EXPORT_FORMATS
     from hyperbooth.methods import METHODS
-    from hyperbooth.training import PRECISIONS
 
     parser = argparse.ArgumentParser(
         prog="hyperbooth",
@@ -751,13 +775,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--gradient-accumulation", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--mixed-precision",
-        choices=PRECISIONS,
-        default="no",
-        help="autocast: bf16 helps on GPUs and on CPUs with bf16 hardware (AMX-BF16 / "
-        "AVX512-BF16) and is emulated, slower, elsewhere; auto picks it where it helps",
-    )
+    _precision_flag(p)
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument(
         "--checkpoint-every", type=int, default=0, help="write <out>/checkpoint every N steps"
@@ -941,11 +959,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
 
-    p = verbs.add_parser(
+    p = _verb(
+        verbs,
         "benchmark",
-        help="every method on every subject: scores, times, sizes, pictures",
-        description=cmd_benchmark.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "every method on every subject: scores, times, sizes, pictures",
+        cmd_benchmark,
     )
     _base_flags(p)
     p.add_argument(
@@ -1021,11 +1039,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_export)
 
-    p = verbs.add_parser(
+    p = _verb(
+        verbs,
         "precompute",
-        help="fit one LiDB per identity image (HyperDreamBooth's training set)",
-        description=cmd_precompute.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "fit one LiDB per identity image (HyperDreamBooth's training set)",
+        cmd_precompute,
     )
     _base_flags(p)
     p.add_argument("--images", required=True, help="folder of identity images, one per identity")
@@ -1037,12 +1055,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--prompt", default="a sks face", help="the prompt every identity is fitted to")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--mixed-precision",
-        choices=PRECISIONS,
-        default="no",
-        help="autocast (auto: where it helps)",
-    )
+    _precision_flag(p)
     p.add_argument(
         "--max-timestep",
         type=int,
@@ -1058,11 +1071,8 @@ def build_parser() -> argparse.ArgumentParser:
     _adapter_flags(p)
     p.set_defaults(func=cmd_precompute)
 
-    p = verbs.add_parser(
-        "train-hypernet",
-        help="train the hypernetwork (after precompute)",
-        description=cmd_train_hypernet.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = _verb(
+        verbs, "train-hypernet", "train the hypernetwork (after precompute)", cmd_train_hypernet
     )
     _base_flags(p)
     p.add_argument("--images", required=True, help="the folder given to precompute")
@@ -1103,22 +1113,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=None, help="default 1e-4")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--mixed-precision",
-        choices=PRECISIONS,
-        default="no",
-        help="autocast (auto: where it helps)",
-    )
+    _precision_flag(p)
     p.add_argument("--checkpoint-every", type=int, default=0)
     p.add_argument("--resume", action="store_true")
     p.set_defaults(func=cmd_train_hypernet)
 
-    p = verbs.add_parser(
-        "personalize",
-        help="HyperDreamBooth from one image",
-        description=cmd_personalize.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = _verb(verbs, "personalize", "HyperDreamBooth from one image", cmd_personalize)
     _base_flags(p)
     p.add_argument(
         "--hypernet",
@@ -1156,21 +1156,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token", default="sks")
     p.add_argument("--class", dest="class_name", default="face")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--mixed-precision",
-        choices=PRECISIONS,
-        default="no",
-        help="autocast (auto: where it helps)",
-    )
+    _precision_flag(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_personalize)
 
-    p = verbs.add_parser(
-        "rare-tokens",
-        help="words rare enough to name a subject",
-        description=cmd_rare_tokens.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = _verb(verbs, "rare-tokens", "words rare enough to name a subject", cmd_rare_tokens)
     p.add_argument("--captions", default=None, help="text file, one caption per line")
     p.add_argument("--mini-captions", type=int, default=300, help="default corpus size")
     p.add_argument("--low", type=int, default=5)
