@@ -15,11 +15,11 @@ from hyperbooth.diffusion import diffusion_loss
 from hyperbooth.errors import HyperboothError
 from hyperbooth.merge import caption_features, closed_form_merge, merge_custom_diffusion, residuals
 from hyperbooth.methods import CustomDiffusionConfig, SubjectConfig, personalise_concepts
+from hyperbooth.methods.common import rescale_image
 from hyperbooth.methods.custom_diffusion import (
     cross_attention_layers,
     load_custom_diffusion,
     read_custom_diffusion,
-    rescale_image,
 )
 from hyperbooth.training import TrainConfig
 from test_export import _pipeline  # a plain diffusers pipeline, no hyperbooth code

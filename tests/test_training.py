@@ -215,3 +215,49 @@ def test_a_checkpoint_from_before_a_new_unset_setting_still_resumes(tiny_base, t
         personalise(copy.deepcopy(tiny_base), images, tmp_path, "lidb", resume=True,
                     subject=SubjectConfig(max_timestep=500),
                     train_config=TrainConfig(steps=3, device="cpu"), **run)  # fmt: skip
+
+
+def test_rescaled_copies_train_with_their_own_prompt_and_loss_mask(
+    tiny_base, tmp_path, monkeypatch
+):
+    from hyperbooth.methods import common
+    from hyperbooth.methods.common import SMALL_WORDS, prepare_subject, token_ids
+    from hyperbooth.methods.lora import AdapterDreamBooth, AdapterMethodConfig
+    from hyperbooth.training import StepBatch
+
+    subject = SubjectConfig(rescale_copies=6)
+    data = prepare_subject(tiny_base, subject, _images(2), torch.device("cpu"), tmp_path, False)
+    assert data.instance_mean.shape[0] == 12 and data.instance_ids.shape[0] == 12
+    masks = data.instance_mask.flatten(1).mean(1)
+    assert data.instance_mask.shape[1] == 1 and masks[0] == 1 and masks[6] == 1  # the originals
+    assert torch.equal(data.instance_ids[0], token_ids(tiny_base, "a sks face")[0])
+    decoded = tiny_base.tokenizer.batch_decode(data.instance_ids, skip_special_tokens=True)
+    prompts = [" ".join(p.replace("</w>", " ").split()) for p in decoded]
+    assert any(m < 1 for m in masks)  # some copies are shrunk, and only they are masked
+    for prompt, share in zip(prompts, masks.tolist(), strict=True):
+        assert prompt.endswith("sks face")
+        if any(prompt.startswith(w.strip()) for w in SMALL_WORDS):
+            assert share < 1
+
+    seen = {}
+
+    def spy(*args, **kwargs):
+        seen["hidden"], seen["mask"] = args[3], kwargs["mask"]
+        return real(*args, **kwargs)
+
+    real = common.diffusion_loss
+    monkeypatch.setattr(common, "diffusion_loss", spy)
+    config = AdapterMethodConfig(adapter=SMALL_LIDB, train_text_encoder=False)
+    method = AdapterDreamBooth(tiny_base, subject, data, config)
+    generator = torch.Generator().manual_seed(3)
+    index = torch.randint(0, 12, (5,), generator=torch.Generator().manual_seed(3))
+    method.loss(StepBatch(generator, 5)).backward()
+    assert torch.equal(seen["mask"], data.instance_mask[index])
+    for row, i in zip(seen["hidden"], index.tolist(), strict=True):
+        assert torch.equal(row, tiny_base.text_encoder(data.instance_ids[i : i + 1])[0][0])
+
+    with pytest.raises(HyperboothError, match="--rescale"):
+        SubjectConfig(rescale_copies=-1)
+    with pytest.raises(HyperboothError, match="textual-inversion takes no --rescale"):
+        personalise(tiny_base, _images(1), tmp_path / "ti", "textual-inversion",
+                    subject=SubjectConfig(token="<me>", rescale_copies=2), progress=False)  # fmt: skip

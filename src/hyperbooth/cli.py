@@ -200,6 +200,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         class_images_dir=args.class_images,
         regularisation_dir=args.regularisation,
         max_timestep=args.max_timestep,
+        rescale_copies=args.rescale,
     )
     train_config = TrainConfig(
         steps=args.steps,
@@ -791,6 +792,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="fit only at diffusion timesteps below this (of 1000), so the subject does not learn "
         "the photo's layout, background and style (800 on mini: docs/MINIWORLD.md)",
+    )
+    p.add_argument(
+        "--rescale",
+        type=int,
+        default=0,
+        metavar="N",
+        help="N copies of each photo rescaled 0.4-1.4x (a shrunk one on grey with the loss masked "
+        "to it, 'a far away ...'; an enlarged one cropped, 'close up ...'), so the subject is "
+        "learnt at other sizes too; 0: none (custom-diffusion has its own, see --no-rescale)",
     )
     p.add_argument("--num-class-images", type=int, default=100)
     p.add_argument("--class-prompt", default=None, help="default 'a {class}'")

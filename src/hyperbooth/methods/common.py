@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -12,6 +13,9 @@ from hyperbooth.diffusion import check_max_timestep, diffusion_loss, sample_late
 from hyperbooth.errors import HyperboothError
 from hyperbooth.images import IMAGE_SUFFIXES, collect_images, load_image, save_png, to_tensor
 from hyperbooth.training import StepBatch
+
+SMALL_WORDS = ("a far away ", "very small ")
+LARGE_WORDS = ("zoomed in ", "close up ")
 
 
 @dataclass
@@ -32,9 +36,16 @@ class SubjectConfig:
     # Fit the subject only at timesteps below this (None: all). Pairs with generating with the
     # adapter switched on below the same timestep, so the prompt alone lays out the picture.
     max_timestep: int | None = None
+    # Custom Diffusion's augmentation for any method: this many copies of each image (the first
+    # unchanged) rescaled 0.4-1.4x, a shrunk one pasted on grey with the loss masked to it and
+    # "a far away"/"very small" before the prompt, an enlarged one cropped with "zoomed in"/"close
+    # up". 0: the images as given.
+    rescale_copies: int = 0
 
     def __post_init__(self) -> None:
         check_max_timestep(self.max_timestep)
+        if self.rescale_copies < 0:
+            raise HyperboothError(f"--rescale takes a count >= 0, got {self.rescale_copies}")
         if not self.token or any(c.isspace() for c in self.token):
             raise HyperboothError(f"--token must be one word, got {self.token!r}")
         if self.instance_prompt is not None and self.token not in self.instance_prompt.split():
@@ -63,6 +74,53 @@ def token_ids(base: object, prompt: str | list[str]) -> torch.Tensor:
         truncation=True,
         return_tensors="pt",
     ).input_ids
+
+
+def rescale_image(
+    image: Image.Image, scale: float, rng: np.random.Generator, grid: int
+) -> tuple[Image.Image, np.ndarray, str]:
+    """One rescale augmentation: (image, mask on the latent grid, prompt prefix).
+
+    `grid` is the VAE's downsampling factor: sizes and offsets are multiples of it, so the mask
+    lines up with latent pixels.
+    """
+    size = image.width
+    new = max(grid, int(round(size * scale / grid)) * grid)
+    latent = size // grid
+    mask = np.ones((latent, latent), dtype=np.float32)
+    resized = image.resize((new, new), Image.Resampling.BICUBIC)
+    if new < size:
+        top, left = (rng.integers(0, (size - new) // grid + 1, 2) * grid).tolist()
+        canvas = Image.new("RGB", (size, size), (128, 128, 128))
+        canvas.paste(resized, (left, top))
+        mask[:] = 0
+        mask[top // grid : (top + new) // grid, left // grid : (left + new) // grid] = 1
+        prefix = str(rng.choice(SMALL_WORDS)) if new < 0.6 * size else ""
+        return canvas, mask, prefix
+    if new > size:
+        top, left = rng.integers(0, new - size + 1, 2).tolist()
+        return (
+            resized.crop((left, top, left + size, top + size)),
+            mask,
+            str(rng.choice(LARGE_WORDS)),
+        )
+    return resized, mask, ""
+
+
+def rescaled_copies(
+    images: list[Image.Image], prompt: str, copies: int, seed: list[int], grid: int
+) -> tuple[list[Image.Image], list[torch.Tensor], list[str]]:
+    """`copies` rescale augmentations of each image (the first unchanged): pictures, masks, prompts."""
+    pictures, masks, prompts = [], [], []
+    for i, image in enumerate(images):
+        rng = np.random.default_rng([*seed, i])
+        for k in range(max(copies, 1)):
+            scale = 1.0 if k == 0 else float(rng.uniform(0.4, 1.4))
+            picture, mask, prefix = rescale_image(image, scale, rng, grid)
+            pictures.append(picture)
+            masks.append(torch.from_numpy(mask))
+            prompts.append(prefix + prompt)
+    return pictures, masks, prompts
 
 
 @torch.no_grad()
@@ -105,6 +163,9 @@ class SubjectData:
     instance_mean: torch.Tensor  # (N, 4, h, w)
     instance_std: torch.Tensor
     instance_ids: torch.Tensor  # (1, 77), or (T, 77): prompt templates, one drawn per sample
+    # With rescale_copies: each latent's loss mask (N, 1, h, w), and instance_ids is (N, 77),
+    # each latent's own prompt.
+    instance_mask: torch.Tensor | None = None
     class_mean: torch.Tensor | None = None
     class_std: torch.Tensor | None = None
     class_ids: torch.Tensor | None = None  # (1, 77), or (N, 77): one caption per class image
@@ -125,8 +186,17 @@ def prepare_subject(
             "no training images given; pass --images with 1-5 photos of the subject"
         )
     check_max_timestep(subject.max_timestep, base.scheduler.config.num_train_timesteps)
-    mean, std = encode_images(base, images, device)
-    data = SubjectData(mean, std, token_ids(base, subject.prompt).to(device))
+    if subject.rescale_copies:
+        grid = 2 ** (len(base.vae.config.block_out_channels) - 1)
+        images, masks, prompts = rescaled_copies(
+            images, subject.prompt, subject.rescale_copies, [0], grid
+        )
+        mean, std = encode_images(base, images, device)
+        data = SubjectData(mean, std, token_ids(base, prompts).to(device))
+        data.instance_mask = torch.stack(masks)[:, None].to(device)
+    else:
+        mean, std = encode_images(base, images, device)
+        data = SubjectData(mean, std, token_ids(base, subject.prompt).to(device))
     if subject.regularisation_dir:
         from hyperbooth.retrieve import captioned_images
 
@@ -181,7 +251,12 @@ class SubjectMethod:
         g, n, data = batch.generator, batch.batch_size, self.data
         index = torch.randint(0, data.instance_mean.shape[0], (n,), generator=g)
         means, stds = [data.instance_mean[index]], [data.instance_std[index]]
-        if data.instance_ids.shape[0] == 1:
+        mask = None
+        if data.instance_mask is not None:  # rescaled copies: each its own prompt and mask
+            ids = data.instance_ids[index.to(data.instance_ids.device)]
+            hidden = [torch.cat([self.encode_prompt(row[None]) for row in ids])]
+            mask = [data.instance_mask[index]]
+        elif data.instance_ids.shape[0] == 1:
             hidden = [self.encode_prompt(data.instance_ids).expand(n, -1, -1)]
         else:  # prompt templates: each sample draws one
             pick = torch.randint(0, data.instance_ids.shape[0], (n,), generator=g)
@@ -191,10 +266,12 @@ class SubjectMethod:
             means.append(data.class_mean[index])
             stds.append(data.class_std[index])
             hidden.append(self.class_hidden(index))
+            if mask is not None:
+                mask.append(torch.ones_like(mask[0]))
         latents = sample_latents(torch.cat(means), torch.cat(stds), g)
         per_sample = diffusion_loss(
             self.base.unet, self.base.scheduler, latents, torch.cat(hidden), g, reduce=False,
-            max_timestep=self.subject.max_timestep,
+            mask=None if mask is None else torch.cat(mask), max_timestep=self.subject.max_timestep,
         )  # fmt: skip
         loss = per_sample[:n].mean()
         if data.class_mean is not None:

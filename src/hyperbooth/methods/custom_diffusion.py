@@ -21,7 +21,6 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 from safetensors import safe_open
@@ -33,15 +32,19 @@ from hyperbooth.adapters.files import atomic_save_safetensors
 from hyperbooth.adapters.inject import base_fingerprint
 from hyperbooth.diffusion import diffusion_loss, sample_latents
 from hyperbooth.errors import HyperboothError
-from hyperbooth.methods.common import SubjectConfig, SubjectData, encode_images, token_ids
+from hyperbooth.methods.common import (
+    SubjectConfig,
+    SubjectData,
+    encode_images,
+    rescaled_copies,
+    token_ids,
+)
 from hyperbooth.methods.textual_inversion import add_new_token, add_word
 from hyperbooth.training import StepBatch
 
 CUSTOM_DIFFUSION_FILE = "custom_diffusion.safetensors"
 FORMAT = "hyperbooth.custom-diffusion/1"
 METADATA_KEY = "hyperbooth"
-SMALL_WORDS = ("a far away ", "very small ")
-LARGE_WORDS = ("zoomed in ", "close up ")
 KV_SUFFIXES = ("attn2.to_k", "attn2.to_v")
 QO_SUFFIXES = ("attn2.to_q", "attn2.to_out.0")
 
@@ -72,37 +75,6 @@ def cross_attention_layers(unet: nn.Module, train_q_out: bool = False) -> dict[s
     return layers
 
 
-def rescale_image(
-    image: Image.Image, scale: float, rng: np.random.Generator, grid: int
-) -> tuple[Image.Image, np.ndarray, str]:
-    """One rescale augmentation: (image, mask on the latent grid, prompt prefix).
-
-    `grid` is the VAE's downsampling factor: sizes and offsets are multiples of it, so the mask
-    lines up with latent pixels.
-    """
-    size = image.width
-    new = max(grid, int(round(size * scale / grid)) * grid)
-    latent = size // grid
-    mask = np.ones((latent, latent), dtype=np.float32)
-    resized = image.resize((new, new), Image.Resampling.BICUBIC)
-    if new < size:
-        top, left = (rng.integers(0, (size - new) // grid + 1, 2) * grid).tolist()
-        canvas = Image.new("RGB", (size, size), (128, 128, 128))
-        canvas.paste(resized, (left, top))
-        mask[:] = 0
-        mask[top // grid : (top + new) // grid, left // grid : (left + new) // grid] = 1
-        prefix = str(rng.choice(SMALL_WORDS)) if new < 0.6 * size else ""
-        return canvas, mask, prefix
-    if new > size:
-        top, left = rng.integers(0, new - size + 1, 2).tolist()
-        return (
-            resized.crop((left, top, left + size, top + size)),
-            mask,
-            str(rng.choice(LARGE_WORDS)),
-        )
-    return resized, mask, ""
-
-
 @dataclass
 class Bank:
     """Every augmented training image, encoded once: latents, loss masks, token ids."""
@@ -122,16 +94,11 @@ def build_bank(
     """Augment and encode every concept's images; each copy keeps its own prompt."""
     grid = 2 ** (len(base.vae.config.block_out_channels) - 1)
     pictures, masks, prompts = [], [], []
+    copies = config.augmentations if config.rescale else 1
     for c, (subject, images) in enumerate(concepts):
-        for i, image in enumerate(images):
-            rng = np.random.default_rng([config.seed, c, i])
-            copies = config.augmentations if config.rescale else 1
-            for k in range(copies):
-                scale = 1.0 if k == 0 else float(rng.uniform(0.4, 1.4))
-                picture, mask, prefix = rescale_image(image, scale, rng, grid)
-                pictures.append(picture)
-                masks.append(torch.from_numpy(mask))
-                prompts.append(prefix + subject.prompt)
+        more = rescaled_copies(images, subject.prompt, copies, [config.seed, c], grid)
+        for have, new in zip((pictures, masks, prompts), more, strict=True):
+            have.extend(new)
     mean, std = encode_images(base, pictures, device)
     mask = torch.stack(masks)[:, None].to(device)
     return Bank(mean, std, mask, token_ids(base, prompts).to(device))

@@ -140,6 +140,11 @@ class TextualInversion(SubjectMethod):
     ):
         super().__init__(base, subject, data)
         self.config = config
+        if data.instance_mask is not None:
+            raise HyperboothError(
+                "textual-inversion takes no --rescale (its prompts are rewritten per word); "
+                "drop --rescale or use --templates"
+            )
         initial = base.tokenizer(config.initializer, add_special_tokens=False).input_ids
         if len(initial) != 1:
             raise HyperboothError(

@@ -309,6 +309,7 @@ class PersonalisationConfig:
     # below adapter_below (None: always on).
     max_timestep: int | None = None
     adapter_below: int | None = None
+    rescale_copies: int = 0  # SubjectConfig.rescale_copies (not for hyperdreambooth)
     # hyperdreambooth: the hypernetwork folder and METHOD 3.4's ablations (steps, rank and
     # learning_rate above are the fast fine-tune's).
     hypernet: str | None = None
@@ -445,6 +446,7 @@ def personalisation(
                         class_name="face",
                         regularisation_dir=regularisation,
                         max_timestep=config.max_timestep,
+                        rescale_copies=config.rescale_copies,
                     ),
                     adapter,
                     TrainConfig(
@@ -511,6 +513,7 @@ class TwoConceptConfig:
     lora_rank: int = 16
     lora_learning_rate: float = 1e-3
     lora_max_timestep: int | None = 800
+    lora_rescale_copies: int = 0  # SubjectConfig.rescale_copies: faces drawn at pair size too
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.approaches) - set(TWO_CONCEPT_APPROACHES))
@@ -666,7 +669,10 @@ def two_concepts(
             files = []
             for k, ref in enumerate(refs):
                 subject = SubjectConfig(
-                    token=TOKEN, class_name="face", max_timestep=config.lora_max_timestep
+                    token=TOKEN,
+                    class_name="face",
+                    max_timestep=config.lora_max_timestep,
+                    rescale_copies=config.lora_rescale_copies,
                 )
                 result = personalise(
                     copy.deepcopy(base),
@@ -772,6 +778,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="personalisation: fit only at timesteps below this (default all)",
     )
     parser.add_argument(
+        "--rescale",
+        type=int,
+        default=0,
+        metavar="N",
+        help="personalisation, two-concepts' conv LoRAs: N rescaled copies of the reference "
+        "(0.4-1.4x, masked loss; Custom Diffusion's augmentation); 0: none",
+    )
+    parser.add_argument(
         "--adapter-below",
         type=int,
         default=None,
@@ -820,6 +834,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             lidb_learning_rate=args.lidb_learning_rate,
             seed=args.seed,
             approaches=tuple(args.approaches),
+            lora_rescale_copies=args.rescale,
         )
         report = two_concepts(base, judge, config)
     else:
@@ -835,6 +850,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             regularise=args.regularise,
             max_timestep=args.max_timestep,
             adapter_below=args.adapter_below,
+            rescale_copies=args.rescale,
             hypernet=args.hypernet,
             use_hypernet=not args.no_hypernet,
             fine_tune=not args.hypernet_only,
