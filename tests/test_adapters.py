@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 
@@ -313,3 +314,15 @@ def test_set_region_covers_the_unets_spatial_layers_and_full_changes_nothing(tin
     for bad in ("middle", "0,0,2,1", "0.5,0,0.5,1"):
         with pytest.raises(HyperboothError, match="region"):
             parse_region(bad)
+
+
+def test_weights_fingerprint_follows_the_weights_not_their_dtype():
+    from hyperbooth.adapters.inject import weights_fingerprint
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Conv2d(3, 2, 1)).half().float()
+    before = weights_fingerprint(model)
+    assert weights_fingerprint(copy.deepcopy(model).half()) == before
+    with torch.no_grad():
+        model[1].weight[0, 0, 0, 0] += 0.5
+    assert weights_fingerprint(model) != before

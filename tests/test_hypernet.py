@@ -10,7 +10,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import ViTConfig, ViTModel
 
-from hyperbooth.adapters.inject import add_adapter, target_layers
+from hyperbooth.adapters.inject import add_adapter, target_layers, weights_fingerprint
 from hyperbooth.cli import main as cli
 from hyperbooth.errors import HyperboothError
 from hyperbooth.hypernet.model import HyperNetConfig, HyperNetwork, load_hypernet, save_hypernet
@@ -252,6 +252,7 @@ def test_the_shipped_mini_hypernet_fits_mini_and_is_small():
     info = json.loads((folder / "hypernet.json").read_text())["info"]
     assert info["identities"] >= 1000
     base = load_base("mini")
+    assert info["base_unet"] == weights_fingerprint(base.unet)  # trained on the mini that ships
     layers = target_layers(base, hypernet.config.adapter)
     assert list(layers) == hypernet.keys
     with torch.no_grad():

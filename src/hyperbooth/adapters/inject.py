@@ -69,6 +69,17 @@ def base_fingerprint(layers: Mapping[str, nn.Module]) -> str:
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
 
 
+def weights_fingerprint(model: nn.Module) -> str:
+    """A hash of a model's weights as float16: equal for the same weights, whichever dtype holds them."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(
+            tensor.detach().to("cpu", torch.float16).contiguous().view(torch.uint8).numpy()
+        )
+    return digest.hexdigest()[:16]
+
+
 def _wrap(model: nn.Module, path: str) -> AdaptedLayer:
     """Replace the layer at `path` by its adapted wrapper (idempotent)."""
     module = model.get_submodule(path)

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from hyperbooth.adapters.config import RESNET_CONV_TARGETS, AdapterConfig
+from hyperbooth.adapters.inject import weights_fingerprint
 from hyperbooth.atomic import write_text
 from hyperbooth.bases import load_base
 from hyperbooth.errors import run_module
@@ -192,6 +193,8 @@ def main(argv: list[str] | None = None) -> None:
         terms = json.loads((work / "train" / "loss_terms.json").read_text())
         plot_loss_terms(terms, out / "loss.png")
         info = {
+            "base": args.base,
+            "base_unet": weights_fingerprint(base.unet),  # which weights it was trained on
             "identities": identities,
             "processes": accelerator.num_processes,
             "seconds": times,
