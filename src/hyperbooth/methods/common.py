@@ -186,17 +186,15 @@ def prepare_subject(
             "no training images given; pass --images with 1-5 photos of the subject"
         )
     check_max_timestep(subject.max_timestep, base.scheduler.config.num_train_timesteps)
+    prompts, masks = subject.prompt, None
     if subject.rescale_copies:
-        grid = 2 ** (len(base.vae.config.block_out_channels) - 1)
         images, masks, prompts = rescaled_copies(
-            images, subject.prompt, subject.rescale_copies, [0], grid
+            images, subject.prompt, subject.rescale_copies, [0], base.vae_scale_factor
         )
-        mean, std = encode_images(base, images, device)
-        data = SubjectData(mean, std, token_ids(base, prompts).to(device))
+    mean, std = encode_images(base, images, device)
+    data = SubjectData(mean, std, token_ids(base, prompts).to(device))
+    if masks is not None:
         data.instance_mask = torch.stack(masks)[:, None].to(device)
-    else:
-        mean, std = encode_images(base, images, device)
-        data = SubjectData(mean, std, token_ids(base, subject.prompt).to(device))
     if subject.regularisation_dir:
         from hyperbooth.retrieve import captioned_images
 
@@ -239,9 +237,8 @@ class SubjectMethod:
                 self.data.hidden_cache[key] = self.base.text_encoder(ids)[0]
         return self.data.hidden_cache[key]
 
-    def class_hidden(self, index: torch.Tensor) -> torch.Tensor:
-        """Hidden states of the captions of class images `index` (one shared prompt, or each its own)."""
-        ids = self.data.class_ids
+    def indexed_hidden(self, ids: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Hidden states of the prompts of images `index` (one shared prompt, or each its own)."""
         if ids.shape[0] == 1:
             return self.encode_prompt(ids).expand(len(index), -1, -1)
         return torch.cat([self.encode_prompt(ids[i : i + 1]) for i in index.tolist()])
@@ -253,8 +250,7 @@ class SubjectMethod:
         means, stds = [data.instance_mean[index]], [data.instance_std[index]]
         mask = None
         if data.instance_mask is not None:  # rescaled copies: each its own prompt and mask
-            ids = data.instance_ids[index.to(data.instance_ids.device)]
-            hidden = [torch.cat([self.encode_prompt(row[None]) for row in ids])]
+            hidden = [self.indexed_hidden(data.instance_ids, index)]
             mask = [data.instance_mask[index]]
         elif data.instance_ids.shape[0] == 1:
             hidden = [self.encode_prompt(data.instance_ids).expand(n, -1, -1)]
@@ -265,7 +261,7 @@ class SubjectMethod:
             index = torch.randint(0, data.class_mean.shape[0], (n,), generator=g)
             means.append(data.class_mean[index])
             stds.append(data.class_std[index])
-            hidden.append(self.class_hidden(index))
+            hidden.append(self.indexed_hidden(data.class_ids, index))
             if mask is not None:
                 mask.append(torch.ones_like(mask[0]))
         latents = sample_latents(torch.cat(means), torch.cat(stds), g)

@@ -92,7 +92,7 @@ def build_bank(
     device: torch.device,
 ) -> Bank:
     """Augment and encode every concept's images; each copy keeps its own prompt."""
-    grid = 2 ** (len(base.vae.config.block_out_channels) - 1)
+    grid = base.vae_scale_factor
     pictures, masks, prompts = [], [], []
     copies = config.augmentations if config.rescale else 1
     for c, (subject, images) in enumerate(concepts):
