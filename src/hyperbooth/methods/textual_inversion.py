@@ -142,8 +142,8 @@ class TextualInversion(SubjectMethod):
         self.config = config
         if data.instance_mask is not None:
             raise HyperboothError(
-                "textual-inversion takes no --rescale (its prompts are rewritten per word); "
-                "drop --rescale or use --templates"
+                "textual-inversion takes no --rescale (its prompts are rewritten per word, so the "
+                "copies would lose their own words); drop --rescale"
             )
         initial = base.tokenizer(config.initializer, add_special_tokens=False).input_ids
         if len(initial) != 1:
