@@ -20,7 +20,7 @@ from hyperbooth.miniworld.evaluate import (
     two_concepts,
 )
 from hyperbooth.miniworld.judges import JudgeConfig, train_judge
-from hyperbooth.miniworld.render import held_out
+from hyperbooth.miniworld.render import TRAITS, held_out
 from hyperbooth.miniworld.train_base import main as train_base
 from test_miniworld_train import TOY
 
@@ -74,6 +74,15 @@ def test_obedience_and_personalisation_run_and_report_fractions(toy_world):
     row = result["identities"][0]
     assert row["stored_bytes"] > 0 and set(row["personalised"]) == {"identity", "hidden", "prompt"}
     assert all(0 <= v <= 1 for side in result["summary"].values() for v in side.values())
+    # one row per evaluation prompt, whose mean is the summary
+    by_prompt = result["by_prompt"]
+    assert [row["text"] for row in by_prompt] == result["prompts"]
+    mean = sum(row["identity"] for row in by_prompt) / len(by_prompt)
+    assert mean == pytest.approx(result["summary"]["personalised"]["identity"])
+    # and one hit rate per trait, whose mean over traits is the identity score
+    hits = result["by_trait"]
+    assert set(hits) == set(TRAITS)
+    assert sum(hits.values()) / len(hits) == pytest.approx(mean)
 
 
 def test_the_demo_fast_path_writes_a_grid_and_scores(toy_world, tmp_path, capsys):
@@ -198,3 +207,19 @@ def test_the_demo_runs_hyperdreambooth_with_the_shipped_hypernetwork_on_mini(tmp
     assert report["method"] == "hyperdreambooth" and report["steps"] == 2
     assert {"load", "predict", "fine_tune", "generate"} <= set(report["seconds"])
     assert report["adapter_bytes"] > 0 and 0 <= report["scores"]["identity"] <= 1
+
+
+def test_personalisation_samples_at_the_guidance_it_is_given(toy_world, monkeypatch):
+    import hyperbooth.miniworld.evaluate as evaluate
+
+    base, judge = toy_world
+    seen = []
+
+    def record(model, prompts, **kwargs):
+        seen.append(kwargs["guidance"])
+        raise KeyboardInterrupt  # the base's images are drawn first; nothing else is needed
+
+    monkeypatch.setattr(evaluate, "generate_images", record)
+    with pytest.raises(KeyboardInterrupt):
+        personalisation(base, judge, PersonalisationConfig(guidance=4.0), progress=False)
+    assert seen == [4.0]

@@ -41,10 +41,11 @@ from hyperbooth.generate import generate_images
 from hyperbooth.machine import machine_info
 from hyperbooth.methods import NEW_WORD_METHODS
 from hyperbooth.miniworld.captions import caption, pair_caption, sample_training_example
-from hyperbooth.miniworld.judges import Judge, identity_score, prompt_score
+from hyperbooth.miniworld.judges import Judge, Reading, identity_score, prompt_score
 from hyperbooth.miniworld.render import (
     CONTEXT_ATTRIBUTES,
     NAMEABLE_TRAITS,
+    TRAITS,
     Context,
     Identity,
     held_out,
@@ -54,6 +55,7 @@ from hyperbooth.miniworld.render import (
 )
 
 TOKEN = "sks"
+SCORES = ("identity", "hidden", "prompt")
 # The reference photo: a plain, front-on portrait, so every new prompt changes something.
 REFERENCE_CONTEXT = Context(
     background_colour=0, background_pattern=0, style=0, headwear=0, framing=1
@@ -298,6 +300,7 @@ class PersonalisationConfig:
     learning_rate: float | None = None  # None: the method's default
     images_per_prompt: int = 2
     sampling_steps: int = 20
+    guidance: float = 7.5  # classifier-free guidance scale at sampling (subject and base alike)
     seed: int = 0
     regularisation_images: int = 200  # custom-diffusion: captioned training renders
     rank: int = 1  # lidb, lora
@@ -341,18 +344,41 @@ def score_images(
     contexts: Sequence[dict[str, str]] = EVALUATION_CONTEXTS,
 ) -> dict:
     """Mean identity, hidden-trait and prompt scores of images generated for `contexts`."""
-    identity, hidden, prompt = [], [], []
-    for names, images in zip(contexts, rows, strict=True):
-        for reading in judge.read(images):
-            total, hidden_share = identity_score(reference, reading.identity)
-            identity.append(total)
-            hidden.append(hidden_share)
-            prompt.append(prompt_score(context_indices(names), reading.context))
+    return mean_scores(scores_by_prompt(reference, [judge.read(i) for i in rows], contexts))
+
+
+def scores_by_prompt(
+    reference: Identity,
+    readings: Sequence[Sequence[Reading]],
+    contexts: Sequence[dict[str, str]] = EVALUATION_CONTEXTS,
+) -> list[dict[str, float]]:
+    """Identity, hidden-trait and prompt scores per context, each the mean over its images."""
+    out = []
+    for names, row in zip(contexts, readings, strict=True):
+        shares = [identity_score(reference, reading.identity) for reading in row]
+        prompt = [prompt_score(context_indices(names), reading.context) for reading in row]
+        out.append(
+            {
+                "identity": float(np.mean([total for total, _ in shares])),
+                "hidden": float(np.mean([hidden for _, hidden in shares])),
+                "prompt": float(np.mean(prompt)),
+            }
+        )
+    return out
+
+
+def trait_hits(reference: Identity, readings: Sequence[Sequence[Reading]]) -> dict[str, float]:
+    """The share of all images (every prompt) that show each of the reference's traits."""
+    flat = [reading.identity for row in readings for reading in row]
     return {
-        "identity": float(np.mean(identity)),
-        "hidden": float(np.mean(hidden)),
-        "prompt": float(np.mean(prompt)),
+        name: float(np.mean([getattr(read, name) == getattr(reference, name) for read in flat]))
+        for name in TRAITS
     }
+
+
+def mean_scores(by_prompt: Sequence[dict[str, float]]) -> dict[str, float]:
+    """The mean of each score over contexts (every context has the same number of images)."""
+    return {key: float(np.mean([row[key] for row in by_prompt])) for key in SCORES}
 
 
 def _fast_path(config: PersonalisationConfig) -> tuple[object, object]:
@@ -401,6 +427,7 @@ def personalisation(
         "n": config.images_per_prompt,
         "seed": config.seed + 1000,
         "steps": config.sampling_steps,
+        "guidance": config.guidance,
         "batch_size": 8,
         "progress": False,
     }
@@ -463,28 +490,40 @@ def personalisation(
                 stored, fit_seconds = stored_bytes(result.output), result.seconds
         started = time.perf_counter()
         images = generate_images(subject, prompts, adapter_below=config.adapter_below, **generate)
+        readings = [judge.read(row) for row in images]
+        by_prompt = scores_by_prompt(identity, readings)
         row = {
             "identity": identity.index,
             "fit_seconds": fit_seconds,
             **({"stage_seconds": stages} if stages else {}),
             "generate_seconds": time.perf_counter() - started,
             "stored_bytes": stored,
-            "personalised": score_images(judge, identity, images),
+            "personalised": mean_scores(by_prompt),
             "base": score_images(judge, identity, plain_rows),
+            "personalised_by_prompt": by_prompt,
+            "personalised_by_trait": trait_hits(identity, readings),
         }
         rows.append(row)
     shared.cleanup()
     summary = {
-        side: {
-            score: float(np.mean([row[side][score] for row in rows]))
-            for score in ("identity", "hidden", "prompt")
-        }
+        side: {score: float(np.mean([row[side][score] for row in rows])) for score in SCORES}
         for side in ("personalised", "base")
     }
     return {
         "config": asdict(config),
         "prompts": prompts,
         "summary": summary,
+        "by_prompt": [
+            {
+                "text": text,
+                **mean_scores([row["personalised_by_prompt"][k] for row in rows]),
+            }
+            for k, text in enumerate(prompts)
+        ],
+        "by_trait": {
+            name: float(np.mean([row["personalised_by_trait"][name] for row in rows]))
+            for name in TRAITS
+        },
         "fit_seconds_mean": float(np.mean([row["fit_seconds"] for row in rows])),
         "stored_bytes": rows[0]["stored_bytes"] if rows else None,
         "identities": rows,
@@ -799,7 +838,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     hyper.add_argument("--hypernet-only", action="store_true", help="no fast fine-tune")
     hyper.add_argument("--iterations", type=int, default=None, help="K refinement steps")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--guidance", type=float, default=7.5, help="obedience: CFG scale")
+    parser.add_argument(
+        "--guidance", type=float, default=7.5, help="obedience, personalisation: CFG scale"
+    )
     parser.add_argument(
         "--sampling-steps", type=int, default=20, help="obedience: DPM-Solver++ steps"
     )
@@ -855,6 +896,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             use_hypernet=not args.no_hypernet,
             fine_tune=not args.hypernet_only,
             iterations=args.iterations,
+            guidance=args.guidance,
         )
         report = personalisation(base, judge, config)
     report["command"] = "python -m hyperbooth.miniworld.evaluate " + " ".join(
