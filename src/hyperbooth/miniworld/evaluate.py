@@ -176,17 +176,10 @@ def obedience(
         described = caption(random_identity(rng), random_context(rng), rng, bare_probability=0)
         if described.mentioned:
             singles.append(described)
+    # one image per caption, the same seeds and sampler for single and two-face captions
+    sample = {"n": 1, "seed": seed, "steps": steps, "guidance": guidance, "batch_size": 8}
     started = time.perf_counter()
-    images = generate_images(
-        base,
-        [c.text for c in singles],
-        n=1,
-        seed=seed,
-        steps=steps,
-        guidance=guidance,
-        batch_size=8,
-        progress=progress,
-    )
+    images = generate_images(base, [c.text for c in singles], progress=progress, **sample)
     seconds = time.perf_counter() - started
     readings = judge.read([row[0] for row in images])
     asked_context, asked_traits = [], []
@@ -206,16 +199,7 @@ def obedience(
                 random_identity(rng), random_identity(rng), context, rng, bare_probability=0
             )
         )
-    pair_images = generate_images(
-        base,
-        [c.text for c in pairs],
-        n=1,
-        seed=seed,
-        steps=steps,
-        guidance=guidance,
-        batch_size=8,
-        progress=progress,
-    )
+    pair_images = generate_images(base, [c.text for c in pairs], progress=progress, **sample)
     pair_traits, pair_context, both_right = [], [], []
     for described, (left, right) in zip(
         pairs, judge.read_pairs([row[0] for row in pair_images]), strict=True
