@@ -418,7 +418,7 @@ def personalisation(
     hypernet = fast = None
     if config.method == "hyperdreambooth":  # before any work: a bad --hypernet fails at once
         hypernet, fast = _fast_path(config)
-    plain_rows = generate_images(base, plain_prompts, **generate)
+    plain_readings = [judge.read(row) for row in generate_images(base, plain_prompts, **generate)]
     rows = []
     shared = tempfile.TemporaryDirectory()
     regularisation = None
@@ -476,6 +476,7 @@ def personalisation(
         images = generate_images(subject, prompts, adapter_below=config.adapter_below, **generate)
         readings = [judge.read(row) for row in images]
         by_prompt = scores_by_prompt(identity, readings)
+        base_by_prompt = scores_by_prompt(identity, plain_readings)
         row = {
             "identity": identity.index,
             "fit_seconds": fit_seconds,
@@ -483,8 +484,9 @@ def personalisation(
             "generate_seconds": time.perf_counter() - started,
             "stored_bytes": stored,
             "personalised": mean_scores(by_prompt),
-            "base": score_images(judge, identity, plain_rows),
+            "base": mean_scores(base_by_prompt),
             "personalised_by_prompt": by_prompt,
+            "base_by_prompt": base_by_prompt,
             "personalised_by_trait": trait_hits(identity, readings),
         }
         rows.append(row)
@@ -501,6 +503,7 @@ def personalisation(
             {
                 "text": text,
                 **mean_scores([row["personalised_by_prompt"][k] for row in rows]),
+                "base": mean_scores([row["base_by_prompt"][k] for row in rows]),
             }
             for k, text in enumerate(prompts)
         ],
