@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import subprocess
 import sys
 
@@ -240,6 +241,55 @@ def test_switch_refuses_merged_adapters(tiny_base):
     switch_adapters(tiny_base, below=None)  # no switch asked for: nothing to refuse
     with pytest.raises(HyperboothError, match="adapter-below must be a timestep >= 0"):
         switch_adapters(tiny_base, below=-1)
+
+
+@pytest.mark.parametrize("return_dict", [True, False])
+def test_subject_guidance_blends_the_adapted_prompt_half_into_the_bare_base(tiny_base, return_dict):
+    from hyperbooth.adapters.inject import subject_guidance
+
+    latents, _, hidden = unet_inputs(tiny_base)  # [unconditional; prompt] halves
+    t = torch.tensor(500)
+    adapter = add_adapter(tiny_base, CONFIGS["lora-r2-conv"])
+    randomize(adapter)
+    with torch.no_grad():
+        with disable_adapters(tiny_base):
+            bare = tiny_base.unet(latents, t, hidden).sample
+        subject = tiny_base.unet(latents[1:], t, hidden[1:]).sample
+        with subject_guidance(tiny_base, scale=3.0, guidance=7.5):
+            out = tiny_base.unet(latents, t, hidden, return_dict=return_dict)
+            out = out.sample if return_dict else out[0]
+    assert not torch.allclose(subject, bare[1:])
+    assert torch.equal(out[:1], bare[:1])  # the unconditional half: the bare base
+    expected = bare[1:] + (3.0 / 7.5) * (subject - bare[1:])
+    torch.testing.assert_close(out[1:], expected, rtol=1e-5, atol=1e-6)
+    # The hooks are gone and the adapters are back on afterwards.
+    assert not tiny_base.unet._forward_pre_hooks and not tiny_base.unet._forward_hooks
+    with torch.no_grad():
+        torch.testing.assert_close(tiny_base.unet(latents[1:], t, hidden[1:]).sample, subject)
+
+
+def test_subject_guidance_at_zero_draws_the_bare_base_and_bad_settings_are_errors(tiny_base):
+    from hyperbooth.adapters.inject import subject_guidance
+    from hyperbooth.generate import generate_images
+
+    # UNet only: text-encoder adapters stay on under subject guidance, and disable_adapters
+    # would switch them off too
+    unet_only = dataclasses.replace(CONFIGS["lora-r2-conv"], text_encoder_targets=())
+    adapter = add_adapter(tiny_base, unet_only)
+    randomize(adapter, scale=0.5)
+    sample = {"n": 1, "steps": 2, "progress": False}
+    with disable_adapters(tiny_base):
+        bare = generate_images(tiny_base, ["a face"], **sample)[0][0]
+    adapted = generate_images(tiny_base, ["a face"], **sample)[0][0]
+    zero = generate_images(tiny_base, ["a face"], subject_scale=0.0, **sample)[0][0]
+    assert zero.tobytes() == bare.tobytes() != adapted.tobytes()
+    with pytest.raises(HyperboothError, match="guidance above 1"):
+        subject_guidance(tiny_base, scale=1.0, guidance=1.0)
+    with pytest.raises(HyperboothError, match="not both"):
+        generate_images(tiny_base, ["a face"], adapter_below=800, subject_scale=1.0, **sample)
+    adapter.merge()
+    with pytest.raises(HyperboothError, match="unmerged"):
+        subject_guidance(tiny_base, scale=1.0, guidance=7.5)
 
 
 def test_box_mask_is_the_share_of_each_cell_the_box_covers():

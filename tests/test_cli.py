@@ -93,6 +93,24 @@ def test_train_generate_round_trip(tmp_path, photo_dir, capsys):
     assert "region 'middle'" in _error(capsys, argv)
     one_region = [*argv[:9], "--prompt", "a sks face", "--out", str(grid)]
     assert "--region was given 1 times for 2 --adapter" in _error(capsys, one_region)
+    # Subject guidance: the base follows the prompt, the adapter adds the subject.
+    guided = tmp_path / "guided.png"
+    argv = [
+        "generate",
+        "--base",
+        "tiny-random",
+        "--adapter",
+        str(adapter),
+        "--prompt",
+        "a sks face",
+    ]
+    argv += ["--n", "1", "--steps", "2", "--subject-guidance", "2", "--out", str(guided)]
+    assert main(argv) == 0
+    assert json.loads(guided.with_suffix(".json").read_text())["subject_guidance"] == 2.0
+    capsys.readouterr()
+    unguided = [*argv[:-2], "--guidance", "1", "--out", str(tmp_path / "unguided.png")]
+    assert "needs classifier-free guidance above 1" in _error(capsys, unguided)
+    assert not (tmp_path / "unguided.png").exists()
 
     for fmt, target in (
         ("diffusers", tmp_path / "exported"),

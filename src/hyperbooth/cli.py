@@ -368,6 +368,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         steps=args.steps,
         guidance=args.guidance,
         adapter_below=args.adapter_below,
+        subject_scale=args.subject_guidance,
     )
     seconds = time.perf_counter() - started
     save_png(image_grid(rows, labels=args.prompt), out)
@@ -382,6 +383,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         "steps": args.steps,
         "guidance": args.guidance,
         "adapter_below": args.adapter_below,
+        "subject_guidance": args.subject_guidance,
         "device": str(device),
         "seconds": round(seconds, 2),
         "grid": str(out),
@@ -898,6 +900,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="T",
         help="the adapters act only at timesteps below T (of 1000): the prompt alone lays out "
         "the first steps (default: always on)",
+    )
+    p.add_argument(
+        "--subject-guidance",
+        type=float,
+        default=None,
+        metavar="S",
+        help="the bare base follows the prompt (at --guidance) and the UNet's adapters add the "
+        "subject at scale S; one more UNet pass per step (default: plain guidance)",
     )
     p.add_argument(
         "--out", required=True, help="grid .png (a .json with the settings is written beside it)"

@@ -9,7 +9,8 @@ from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
-from hyperbooth.adapters.inject import switch_adapters
+from hyperbooth.adapters.inject import subject_guidance, switch_adapters
+from hyperbooth.errors import HyperboothError
 
 
 def make_pipeline(base: object) -> StableDiffusionPipeline:
@@ -33,17 +34,24 @@ def generate_images(
     negative_prompt: str | None = None,
     progress: bool = True,
     adapter_below: int | None = None,
+    subject_scale: float | None = None,
 ) -> list[list[Image.Image]]:
     """n images per prompt; image j of every prompt uses seed + j, so results are repeatable.
 
-    With adapter_below, the UNet's adapters act only at timesteps below it (`switch_adapters`).
+    With adapter_below, the UNet's adapters act only at timesteps below it (`switch_adapters`);
+    with subject_scale, the bare base follows the prompt and the adapters add the subject at
+    that scale (`subject_guidance`).
     """
+    if adapter_below is not None and subject_scale is not None:
+        raise HyperboothError("choose one of --adapter-below and --subject-guidance, not both")
+    switch = switch_adapters(base, adapter_below)  # both check their settings here, before work
+    guide = subject_guidance(base, subject_scale, guidance)
     pipe = make_pipeline(base)
     size = base.resolution
     out: list[list[Image.Image]] = [[] for _ in prompts]
     jobs = [(p, j) for p in range(len(prompts)) for j in range(n)]
     bar = tqdm(total=len(jobs), desc="generate", disable=not progress)
-    with switch_adapters(base, adapter_below):
+    with switch, guide:
         for start in range(0, len(jobs), batch_size):
             chunk = jobs[start : start + batch_size]
             generators = [torch.Generator("cpu").manual_seed(seed + j) for _, j in chunk]

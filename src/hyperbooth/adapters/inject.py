@@ -338,3 +338,91 @@ class switch_adapters:
             self.handle = None
         for layer in self.layers:
             layer.disabled = False
+
+
+def _halve(value: object, batch: int) -> object:
+    """The second half of every tensor (in dicts too) whose first dimension is `batch`."""
+    if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == batch:
+        return value[batch // 2 :]
+    if isinstance(value, dict):
+        return {key: _halve(item, batch) for key, item in value.items()}
+    return value
+
+
+class subject_guidance:
+    """Context manager: the bare base follows the prompt, the UNet's adapters add only the subject.
+
+    A classifier-free-guided UNet call sees [unconditional; conditional]. Both halves run on the
+    bare base (e_u, e_c) and the conditional half once more with the adapters on (e_s); the
+    conditional output becomes e_c + (scale / guidance) (e_s - e_c), so the pipeline's own
+    guidance step yields e_u + guidance (e_c - e_u) + scale (e_s - e_c). The prompt's pull comes
+    from the base alone, the subject's from the adapters' difference. One more UNet pass per
+    step; text-encoder adapters (and new words) stay on in both.
+    """
+
+    def __init__(self, base: object, scale: float | None, guidance: float):
+        self.unet = base.unet
+        self.scale = scale
+        self.guidance = guidance
+        self.layers = [
+            layer for key, layer in adapted_layers(base).items() if key.startswith("unet.")
+        ]
+        if scale is not None and scale < 0:
+            raise HyperboothError(f"--subject-guidance must be >= 0, got {scale}")
+        if scale is not None and guidance <= 1:
+            raise HyperboothError(
+                f"--subject-guidance needs classifier-free guidance above 1 (--guidance), "
+                f"got {guidance}"
+            )
+        if scale is not None and any(layer.merged for layer in self.layers):
+            raise HyperboothError("--subject-guidance needs the adapters unmerged; load them so")
+        self.handles: list = []
+        self.inside = False
+
+    def _disable(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """The guided call itself runs on the bare base."""
+        if not self.inside:
+            for layer in self.layers:
+                layer.disabled = True
+
+    def _add_subject(self, module: nn.Module, args: tuple, kwargs: dict, output: object) -> object:
+        """Rerun the conditional half with the adapters on and blend it into the output."""
+        if self.inside:
+            return output
+        sample = args[0] if args else kwargs["sample"]
+        batch = sample.shape[0]
+        if batch % 2:
+            raise HyperboothError("--subject-guidance needs a guided batch [unconditional; prompt]")
+        half_args = tuple(_halve(value, batch) for value in args)
+        half_kwargs = {key: _halve(value, batch) for key, value in kwargs.items()}
+        for layer in self.layers:
+            layer.disabled = False
+        self.inside = True
+        try:
+            subject = module(*half_args, **half_kwargs)
+        finally:
+            self.inside = False
+        subject = subject[0] if isinstance(subject, tuple) else subject.sample
+        guided = output[0] if isinstance(output, tuple) else output.sample
+        conditional = guided[batch // 2 :]
+        blended = conditional + (self.scale / self.guidance) * (subject - conditional)
+        guided = torch.cat([guided[: batch // 2], blended])
+        if isinstance(output, tuple):
+            return (guided, *output[1:])
+        output.sample = guided
+        return output
+
+    def __enter__(self) -> subject_guidance:
+        if self.scale is not None and self.layers:
+            self.handles = [
+                self.unet.register_forward_pre_hook(self._disable, with_kwargs=True),
+                self.unet.register_forward_hook(self._add_subject, with_kwargs=True),
+            ]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+        for layer in self.layers:
+            layer.disabled = False

@@ -296,6 +296,9 @@ class PersonalisationConfig:
     # below adapter_below (None: always on).
     max_timestep: int | None = None
     adapter_below: int | None = None
+    # Draw with the bare base following the prompt and the adapters adding the subject at this
+    # scale (`adapters.inject.subject_guidance`); None: plain guidance.
+    subject_guidance: float | None = None
     rescale_copies: int = 0  # SubjectConfig.rescale_copies (not for hyperdreambooth)
     # hyperdreambooth: the hypernetwork folder and METHOD 3.4's ablations (steps, rank and
     # learning_rate above are the fast fine-tune's).
@@ -473,7 +476,13 @@ def personalisation(
                 )
                 stored, fit_seconds = stored_bytes(result.output), result.seconds
         started = time.perf_counter()
-        images = generate_images(subject, prompts, adapter_below=config.adapter_below, **generate)
+        images = generate_images(
+            subject,
+            prompts,
+            adapter_below=config.adapter_below,
+            subject_scale=config.subject_guidance,
+            **generate,
+        )
         readings = [judge.read(row) for row in images]
         by_prompt = scores_by_prompt(identity, readings)
         base_by_prompt = scores_by_prompt(identity, plain_readings)
@@ -817,6 +826,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=None,
         help="personalisation: UNet adapters act only at timesteps below this (default always)",
     )
+    parser.add_argument(
+        "--subject-guidance",
+        type=float,
+        default=None,
+        metavar="S",
+        help="personalisation: the bare base follows the prompt, the UNet's adapters add the "
+        "subject at scale S (default: plain guidance)",
+    )
     hyper = parser.add_argument_group("personalisation --method hyperdreambooth")
     hyper.add_argument(
         "--hypernet", default=None, help="train-hypernet's hypernet/ folder, or mini (built in)"
@@ -878,6 +895,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             regularise=args.regularise,
             max_timestep=args.max_timestep,
             adapter_below=args.adapter_below,
+            subject_guidance=args.subject_guidance,
             rescale_copies=args.rescale,
             hypernet=args.hypernet,
             use_hypernet=not args.no_hypernet,
