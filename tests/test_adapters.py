@@ -262,6 +262,9 @@ def test_subject_guidance_blends_the_adapted_prompt_half_into_the_bare_base(tiny
     assert torch.equal(out[:1], bare[:1])  # the unconditional half: the bare base
     expected = bare[1:] + (3.0 / 7.5) * (subject - bare[1:])
     torch.testing.assert_close(out[1:], expected, rtol=1e-5, atol=1e-6)
+    # Switched on only below a timestep: at or above it, the bare base alone.
+    with torch.no_grad(), subject_guidance(tiny_base, scale=3.0, guidance=7.5, below=500):
+        assert torch.equal(tiny_base.unet(latents, t, hidden).sample, bare)
     # The hooks are gone and the adapters are back on afterwards.
     assert not tiny_base.unet._forward_pre_hooks and not tiny_base.unet._forward_hooks
     with torch.no_grad():
@@ -285,8 +288,8 @@ def test_subject_guidance_at_zero_draws_the_bare_base_and_bad_settings_are_error
     assert zero.tobytes() == bare.tobytes() != adapted.tobytes()
     with pytest.raises(HyperboothError, match="guidance above 1"):
         subject_guidance(tiny_base, scale=1.0, guidance=1.0)
-    with pytest.raises(HyperboothError, match="not both"):
-        generate_images(tiny_base, ["a face"], adapter_below=800, subject_scale=1.0, **sample)
+    with pytest.raises(HyperboothError, match="adapter-below must be a timestep >= 0"):
+        generate_images(tiny_base, ["a face"], adapter_below=-1, subject_scale=1.0, **sample)
     adapter.merge()
     with pytest.raises(HyperboothError, match="unmerged"):
         subject_guidance(tiny_base, scale=1.0, guidance=7.5)

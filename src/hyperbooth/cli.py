@@ -907,7 +907,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="S",
         help="the bare base follows the prompt (at --guidance) and the UNet's adapters add the "
-        "subject at scale S; one more UNet pass per step (default: plain guidance)",
+        "subject at scale S (below --adapter-below if given); one more UNet pass per step "
+        "(default: plain guidance)",
     )
     p.add_argument(
         "--out", required=True, help="grid .png (a .json with the settings is written beside it)"

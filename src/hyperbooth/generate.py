@@ -10,7 +10,6 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
 from hyperbooth.adapters.inject import subject_guidance, switch_adapters
-from hyperbooth.errors import HyperboothError
 
 
 def make_pipeline(base: object) -> StableDiffusionPipeline:
@@ -40,12 +39,11 @@ def generate_images(
 
     With adapter_below, the UNet's adapters act only at timesteps below it (`switch_adapters`);
     with subject_scale, the bare base follows the prompt and the adapters add the subject at
-    that scale (`subject_guidance`).
+    that scale (`subject_guidance`), below adapter_below if it is given too.
     """
-    if adapter_below is not None and subject_scale is not None:
-        raise HyperboothError("choose one of --adapter-below and --subject-guidance, not both")
-    switch = switch_adapters(base, adapter_below)  # both check their settings here, before work
-    guide = subject_guidance(base, subject_scale, guidance)
+    # both check their settings here, before any work
+    switch = switch_adapters(base, None if subject_scale is not None else adapter_below)
+    guide = subject_guidance(base, subject_scale, guidance, below=adapter_below)
     pipe = make_pipeline(base)
     size = base.resolution
     out: list[list[Image.Image]] = [[] for _ in prompts]

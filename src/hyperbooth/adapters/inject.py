@@ -357,18 +357,24 @@ class subject_guidance:
     conditional output becomes e_c + (scale / guidance) (e_s - e_c), so the pipeline's own
     guidance step yields e_u + guidance (e_c - e_u) + scale (e_s - e_c). The prompt's pull comes
     from the base alone, the subject's from the adapters' difference. One more UNet pass per
-    step; text-encoder adapters (and new words) stay on in both.
+    step; text-encoder adapters (and new words) stay on in both. With `below`, the subject is
+    added only at timesteps below it: the bare base alone lays out the first steps.
     """
 
-    def __init__(self, base: object, scale: float | None, guidance: float):
+    def __init__(
+        self, base: object, scale: float | None, guidance: float, below: int | None = None
+    ):
         self.unet = base.unet
         self.scale = scale
         self.guidance = guidance
+        self.below = below
         self.layers = [
             layer for key, layer in adapted_layers(base).items() if key.startswith("unet.")
         ]
         if scale is not None and scale < 0:
             raise HyperboothError(f"--subject-guidance must be >= 0, got {scale}")
+        if below is not None and below < 0:
+            raise HyperboothError(f"--adapter-below must be a timestep >= 0, got {below}")
         if scale is not None and guidance <= 1:
             raise HyperboothError(
                 f"--subject-guidance needs classifier-free guidance above 1 (--guidance), "
@@ -389,6 +395,10 @@ class subject_guidance:
         """Rerun the conditional half with the adapters on and blend it into the output."""
         if self.inside:
             return output
+        if self.below is not None:
+            timestep = args[1] if len(args) > 1 else kwargs["timestep"]
+            if float(torch.as_tensor(timestep).flatten()[0]) >= self.below:
+                return output
         sample = args[0] if args else kwargs["sample"]
         batch = sample.shape[0]
         if batch % 2:
