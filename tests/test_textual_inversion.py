@@ -78,7 +78,7 @@ def test_words_already_known_and_long_initializers_are_one_line_errors(tiny_base
         _fit(copy.deepcopy(tiny_base), tmp_path, initializer="a red face")
 
 
-def test_the_cli_trains_and_generates_with_the_new_word(tmp_path):
+def test_the_cli_trains_and_generates_with_the_new_word(tmp_path, capsys):
     Image.new("RGB", (32, 32), (20, 160, 90)).save(tmp_path / "me.png")
     out = tmp_path / "run"
     args = ["train", "--method", "textual-inversion", "--base", "tiny-random", "--device", "cpu"]
@@ -94,6 +94,13 @@ def test_the_cli_trains_and_generates_with_the_new_word(tmp_path):
     ]
     generate += ["--prompt", "a <me> face", "--n", "1", "--steps", "2", "--out", str(grid)]
     assert cli(generate) == 0 and grid.is_file()
+    # Without its file the word is unknown: a one-line error, and no grid.
+    capsys.readouterr()
+    unknown = [*generate[:3], *generate[5:-1], str(tmp_path / "unknown.png")]
+    assert cli(unknown) == 2
+    err = capsys.readouterr().err.strip()
+    assert "names <me>, which this base does not know" in err and "\n" not in err
+    assert not (tmp_path / "unknown.png").exists()
 
 
 def test_prompt_templates_train_the_word_in_every_template(tiny_base, tmp_path):

@@ -316,6 +316,20 @@ def _parse_adapter_arg(text: str) -> tuple[str, float]:
     return text, 1.0
 
 
+def _check_new_words(base: object, prompts: list[str]) -> None:
+    """Refuse a prompt that names a <word> the tokenizer does not know (its file is not loaded)."""
+    import re
+
+    vocabulary = base.tokenizer.get_vocab()
+    for prompt in prompts:
+        for word in re.findall(r"<[^<>\s]+>", prompt):
+            if word not in vocabulary and f"{word}</w>" not in vocabulary:
+                raise HyperboothError(
+                    f"the prompt {prompt!r} names {word}, which this base does not know; load the "
+                    "file that defines it (--textual-inversion or --custom-diffusion) or drop it"
+                )
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     """Draw prompts into a grid PNG plus a JSON of what produced it."""
     import torch
@@ -345,6 +359,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         path, weight = _parse_adapter_arg(spec)
         tokens = load_custom_diffusion(path, base, weight)
         concepts.append({"path": str(path), "weight": weight, "tokens": tokens})
+    _check_new_words(base, args.prompt)
     if args.region and len(args.region) != len(args.adapter):
         raise HyperboothError(
             f"--region was given {len(args.region)} times for {len(args.adapter)} --adapter: "
