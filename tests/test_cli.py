@@ -74,15 +74,8 @@ def test_train_generate_round_trip(tmp_path, photo_dir, capsys):
     assert np.array_equal(grids[0], grids[1])
     # One subject per side: the same file twice, each with its own region.
     grid = tmp_path / "regions.png"
-    argv = [
-        "generate",
-        "--base",
-        "tiny-random",
-        "--adapter",
-        str(adapter),
-        "--adapter",
-        str(adapter),
-    ]
+    with_adapter = ["generate", "--base", "tiny-random", "--adapter", str(adapter)]
+    argv = [*with_adapter, "--adapter", str(adapter)]
     argv += ["--region", "left", "--region", "0.5,0,1,1", "--prompt", "a sks face"]
     argv += ["--n", "1", "--steps", "2", "--out", str(grid)]
     assert main(argv) == 0
@@ -95,15 +88,7 @@ def test_train_generate_round_trip(tmp_path, photo_dir, capsys):
     assert "--region was given 1 times for 2 --adapter" in _error(capsys, one_region)
     # Subject guidance: the base follows the prompt, the adapter adds the subject.
     guided = tmp_path / "guided.png"
-    argv = [
-        "generate",
-        "--base",
-        "tiny-random",
-        "--adapter",
-        str(adapter),
-        "--prompt",
-        "a sks face",
-    ]
+    argv = [*with_adapter, "--prompt", "a sks face"]
     argv += ["--n", "1", "--steps", "2", "--subject-guidance", "2", "--out", str(guided)]
     assert main(argv) == 0
     assert json.loads(guided.with_suffix(".json").read_text())["subject_guidance"] == 2.0

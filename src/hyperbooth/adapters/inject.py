@@ -297,6 +297,17 @@ class disable_adapters:
             layer.disabled = False
 
 
+def _unet_layers(base: object) -> list[AdaptedLayer]:
+    """The base's adapted UNet layers (text-encoder adapters excluded)."""
+    return [layer for key, layer in adapted_layers(base).items() if key.startswith("unet.")]
+
+
+def _call_timestep(args: tuple, kwargs: dict) -> float:
+    """The timestep of a UNet call (the first element's, for a batch of timesteps)."""
+    timestep = args[1] if len(args) > 1 else kwargs["timestep"]
+    return float(torch.as_tensor(timestep).flatten()[0])
+
+
 class switch_adapters:
     """Context manager: the UNet's adapters act only at timesteps below `below`.
 
@@ -309,9 +320,7 @@ class switch_adapters:
     def __init__(self, base: object, below: int | None):
         self.unet = base.unet
         self.below = below
-        self.layers = [
-            layer for key, layer in adapted_layers(base).items() if key.startswith("unet.")
-        ]
+        self.layers = _unet_layers(base)
         if below is not None and below < 0:
             raise HyperboothError(f"--adapter-below must be a timestep >= 0, got {below}")
         if below is not None and any(layer.merged for layer in self.layers):
@@ -322,8 +331,7 @@ class switch_adapters:
 
     def _hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Disable the adapters when this call's timestep is at or above `below`."""
-        timestep = args[1] if len(args) > 1 else kwargs["timestep"]
-        off = float(torch.as_tensor(timestep).flatten()[0]) >= self.below
+        off = _call_timestep(args, kwargs) >= self.below
         for layer in self.layers:
             layer.disabled = off
 
@@ -368,9 +376,7 @@ class subject_guidance:
         self.scale = scale
         self.guidance = guidance
         self.below = below
-        self.layers = [
-            layer for key, layer in adapted_layers(base).items() if key.startswith("unet.")
-        ]
+        self.layers = _unet_layers(base)
         if scale is not None and scale < 0:
             raise HyperboothError(f"--subject-guidance must be >= 0, got {scale}")
         if below is not None and below < 0:
@@ -395,10 +401,8 @@ class subject_guidance:
         """Rerun the conditional half with the adapters on and blend it into the output."""
         if self.inside:
             return output
-        if self.below is not None:
-            timestep = args[1] if len(args) > 1 else kwargs["timestep"]
-            if float(torch.as_tensor(timestep).flatten()[0]) >= self.below:
-                return output
+        if self.below is not None and _call_timestep(args, kwargs) >= self.below:
+            return output
         sample = args[0] if args else kwargs["sample"]
         batch = sample.shape[0]
         if batch % 2:
