@@ -223,3 +223,30 @@ def test_personalisation_samples_at_the_guidance_it_is_given(toy_world, monkeypa
     with pytest.raises(KeyboardInterrupt):
         personalisation(base, judge, PersonalisationConfig(guidance=4.0), progress=False)
     assert seen == [4.0]
+
+
+@pytest.mark.parametrize("describe", [False, True])
+def test_describe_reference_names_the_reference_context_in_the_fitting_prompt(
+    toy_world, monkeypatch, describe
+):
+    import hyperbooth.methods as methods
+    import hyperbooth.miniworld.evaluate as evaluate
+
+    base, judge = toy_world
+    seen = []
+
+    def record(model, images, out, method, subject, *args, **kwargs):
+        seen.append(subject.prompt)
+        raise KeyboardInterrupt  # only the fitting prompt is wanted
+
+    monkeypatch.setattr(evaluate, "generate_images", lambda *a, **k: [])
+    monkeypatch.setattr(methods, "personalise", record)
+    config = PersonalisationConfig(method="lora", identities=1, describe_reference=describe)
+    with pytest.raises(KeyboardInterrupt):
+        personalisation(base, judge, config, progress=False)
+    expected = (
+        "a sks face with no headwear on a plain white background, medium shot, shaded"
+        if describe
+        else "a sks face"
+    )
+    assert seen == [expected]

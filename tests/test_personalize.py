@@ -103,9 +103,14 @@ def test_the_personalize_command_prints_each_stage_and_exports_rank_1_plus_r(
     args = ["personalize", "--base", "tiny-random", "--device", "cpu", "--json"]
     args += ["--hypernet", str(tmp_path / "hyper"), "--image", str(tmp_path / "me.png")]
     args += ["--out", str(out), "--steps", "2", "--rank", "3"]
-    assert cli(args) == 0
+    assert cli(args + ["--prompt", "a face on a white background"]) == 2  # no token: refused
+    assert "does not contain the token 'sks'" in capsys.readouterr().err
+    assert not out.exists()
+    assert cli(args + ["--prompt", "a sks face on a white background"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert set(summary["seconds"]) == {"load", "predict", "fine_tune", "save"}
+    stored = read_adapter_parts(out)
+    assert {part.info["prompt"] for part in stored.values()} == {"a sks face on a white background"}
     assert cli(["export", "--adapter", str(out), "--format", "kohya", "--out",
                 str(tmp_path / "k.safetensors")]) == 0  # fmt: skip
     downs = [

@@ -655,6 +655,7 @@ def cmd_personalize(args: argparse.Namespace) -> None:
         learning_rate=args.lr,
         token=args.token,
         class_name=args.class_name,
+        prompt=args.prompt,
         seed=args.seed,
         mixed_precision=args.mixed_precision,
         device=args.device,
@@ -1191,6 +1192,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--token", default="sks")
     p.add_argument("--class", dest="class_name", default="face")
+    p.add_argument(
+        "--prompt",
+        default=None,
+        help="the fine-tune's prompt, with the token (default 'a {token} {class}'); naming the "
+        "photo's background and style leaves the subject to the adapter",
+    )
     p.add_argument("--seed", type=int, default=0)
     _precision_flag(p)
     p.add_argument("--json", action="store_true")

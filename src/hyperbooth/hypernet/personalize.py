@@ -39,6 +39,9 @@ class PersonalizeConfig:
     learning_rate: float = 1e-3
     token: str = "sks"
     class_name: str = "face"
+    # The fine-tune's prompt; None: "a {token} {class_name}". Naming what the photo shows besides
+    # the subject ("..., on a white background") leaves the relaxed LoRA the subject alone.
+    prompt: str | None = None
     seed: int = 0
     mixed_precision: str = "no"
     device: str = "auto"
@@ -52,6 +55,10 @@ class PersonalizeConfig:
             raise HyperboothError("--no-hypernet and --hypernet-only together leave nothing to do")
         if self.rank < 1 or self.steps < 1:
             raise HyperboothError("--rank and --steps must be >= 1")
+        from hyperbooth.methods import SubjectConfig
+
+        # A --prompt without the token fails here, before anything loads.
+        SubjectConfig(token=self.token, class_name=self.class_name, instance_prompt=self.prompt)
 
 
 @dataclass
@@ -106,7 +113,10 @@ def personalize(
     seconds: dict[str, float] = {}
     parts: dict[str, tuple[Adapter, dict]] = {}
     subject = SubjectConfig(
-        token=config.token, class_name=config.class_name, max_timestep=config.max_timestep
+        token=config.token,
+        class_name=config.class_name,
+        instance_prompt=config.prompt,
+        max_timestep=config.max_timestep,
     )
     info = {"method": "hyperdreambooth", "prompt": subject.prompt, "settings": asdict(config)}
     prediction = None

@@ -40,7 +40,12 @@ from hyperbooth.errors import HyperboothError, run_module
 from hyperbooth.generate import generate_images
 from hyperbooth.machine import machine_info
 from hyperbooth.methods import NEW_WORD_METHODS
-from hyperbooth.miniworld.captions import caption, pair_caption, sample_training_example
+from hyperbooth.miniworld.captions import (
+    caption,
+    pair_caption,
+    prompt_for,
+    sample_training_example,
+)
 from hyperbooth.miniworld.judges import Judge, Reading, identity_score, prompt_score
 from hyperbooth.miniworld.render import (
     CONTEXT_ATTRIBUTES,
@@ -80,8 +85,6 @@ def context_indices(names: dict[str, str]) -> dict[str, int]:
 
 def subject_prompt(names: dict[str, str], token: str | None = TOKEN) -> str:
     """The evaluation prompt for one context, naming the subject by token (or not, for the base)."""
-    from hyperbooth.miniworld.captions import prompt_for
-
     return prompt_for(context_indices(names), token=token)
 
 
@@ -125,8 +128,6 @@ def identity_views(images: Path, folder: Path, per_identity: int, seed: int = 0)
     the subject by TOKEN ("a sks face wearing a hat on a red background, far away, ..."), for
     `hyperbooth train-hypernet --views`. Existing files are kept (a rerun tops up).
     """
-    from hyperbooth.miniworld.captions import prompt_for
-
     for path in sorted(images.glob("id*.png")):
         identity = Identity.from_index(int(path.stem[2:]))
         rng = np.random.default_rng([seed, 0x7669, identity.index])  # "vi"
@@ -300,6 +301,10 @@ class PersonalisationConfig:
     # scale (`adapters.inject.subject_guidance`); None: plain guidance.
     subject_guidance: float | None = None
     rescale_copies: int = 0  # SubjectConfig.rescale_copies (not for hyperdreambooth)
+    # Fit with a prompt that also names the reference's context ("a sks face with no headwear on
+    # a plain white background, medium shot, shaded"), so the base's own words explain the
+    # context and the adapter is left the identity (hyperdreambooth: the fast fine-tune's prompt).
+    describe_reference: bool = False
     # hyperdreambooth: the hypernetwork folder and METHOD 3.4's ablations (steps, rank and
     # learning_rate above are the fast fine-tune's).
     hypernet: str | None = None
@@ -368,6 +373,13 @@ def mean_scores(by_prompt: Sequence[dict[str, float]]) -> dict[str, float]:
     return {key: float(np.mean([row[key] for row in by_prompt])) for key in SCORES}
 
 
+def _instance_prompt(config: PersonalisationConfig) -> str | None:
+    """The fitting prompt: the reference's context named with --describe-reference, else None."""
+    if not config.describe_reference:
+        return None
+    return prompt_for(REFERENCE_CONTEXT.as_dict(), token=config.token)
+
+
 def _fast_path(config: PersonalisationConfig) -> tuple[object, object]:
     """The hypernetwork (None for --no-hypernet) and HyperDreamBooth's personalize settings."""
     from hyperbooth.hypernet.model import load_hypernet
@@ -386,6 +398,7 @@ def _fast_path(config: PersonalisationConfig) -> tuple[object, object]:
         steps=config.steps,
         learning_rate=config.learning_rate or PersonalizeConfig.learning_rate,
         token=config.token,
+        prompt=_instance_prompt(config),
         seed=config.seed,
         device="cpu",
         unet_targets=config.unet_targets,
@@ -431,6 +444,7 @@ def personalisation(
                 Path(shared.name) / "regularisation", config.regularisation_images, config.seed
             )
         )
+    instance_prompt = _instance_prompt(config)
     adapter = None
     if config.method in ("lidb", "lora"):
         targets = {} if config.unet_targets is None else {"unet_targets": config.unet_targets}
@@ -458,6 +472,7 @@ def personalisation(
                     SubjectConfig(
                         token=config.token,
                         class_name="face",
+                        instance_prompt=instance_prompt,
                         regularisation_dir=regularisation,
                         max_timestep=config.max_timestep,
                         rescale_copies=config.rescale_copies,
@@ -821,6 +836,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         "(0.4-1.4x, masked loss; Custom Diffusion's augmentation); 0: none",
     )
     parser.add_argument(
+        "--describe-reference",
+        action="store_true",
+        help="personalisation: the fitting prompt also names the reference's context "
+        "(background, style, headwear, framing)",
+    )
+    parser.add_argument(
         "--adapter-below",
         type=int,
         default=None,
@@ -897,6 +918,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             adapter_below=args.adapter_below,
             subject_guidance=args.subject_guidance,
             rescale_copies=args.rescale,
+            describe_reference=args.describe_reference,
             hypernet=args.hypernet,
             use_hypernet=not args.no_hypernet,
             fine_tune=not args.hypernet_only,
