@@ -261,3 +261,42 @@ def test_rescaled_copies_train_with_their_own_prompt_and_loss_mask(
     with pytest.raises(HyperboothError, match="textual-inversion takes no --rescale"):
         personalise(tiny_base, _images(1), tmp_path / "ti", "textual-inversion",
                     subject=SubjectConfig(token="<me>", rescale_copies=2), progress=False)  # fmt: skip
+
+
+def test_each_image_trains_with_its_own_caption(tiny_base, tmp_path):
+    from hyperbooth.methods.common import prepare_subject, token_ids
+
+    captions = ("a sks face on a white background", "a sks face, pencil sketch")
+    subject = SubjectConfig(instance_prompts=captions)
+    data = prepare_subject(tiny_base, subject, _images(2), torch.device("cpu"), tmp_path, False)
+    assert torch.equal(data.instance_ids, token_ids(tiny_base, list(captions)))
+    assert torch.equal(data.instance_mask, torch.ones_like(data.instance_mask))  # nothing masked
+    with pytest.raises(HyperboothError, match="2 captions for 3 images"):
+        prepare_subject(tiny_base, subject, _images(3), torch.device("cpu"), tmp_path, False)
+    with pytest.raises(HyperboothError, match="does not contain the token 'sks'"):
+        SubjectConfig(instance_prompts=("a sks face", "a face"))
+    with pytest.raises(HyperboothError, match="textual-inversion takes no --rescale or --captions"):
+        personalise(tiny_base, _images(1), tmp_path / "ti", "textual-inversion",
+                    subject=SubjectConfig(token="<me>", instance_prompts=("a <me> face",)),
+                    progress=False)  # fmt: skip
+
+
+def test_train_captions_reads_a_txt_beside_each_image(tmp_path, capsys):
+    import json
+
+    from hyperbooth.cli import main as cli
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for k, image in enumerate(_images(2)):
+        image.save(folder / f"{k}.png")
+    (folder / "0.txt").write_text("a sks face on a white background\n")
+    args = ["train", "--method", "lidb", "--base", "tiny-random", "--images", str(folder)]
+    args += ["--captions", "--steps", "1", "--device", "cpu", "--json", "--out"]
+    assert cli([*args, str(tmp_path / "a")]) == 2  # 1.png has no caption
+    assert "1.txt is missing" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
+    (folder / "1.txt").write_text("a sks face,\npencil sketch\n")  # lines join with a space
+    assert cli([*args, str(tmp_path / "b")]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["prompt"] == ["a sks face on a white background", "a sks face, pencil sketch"]

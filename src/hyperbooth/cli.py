@@ -201,6 +201,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         regularisation_dir=args.regularisation,
         max_timestep=args.max_timestep,
         rescale_copies=args.rescale,
+        instance_prompts=_image_captions(args) if args.captions else None,
     )
     train_config = TrainConfig(
         steps=args.steps,
@@ -256,7 +257,7 @@ def cmd_train(args: argparse.Namespace) -> None:
             resume=args.resume,
             textual_inversion=textual_inversion,
         )
-        prompts = [subject.prompt]
+        prompts = list(subject.instance_prompts or [subject.prompt])
     summary = {
         "output": str(result.output),
         "method": args.method,
@@ -268,6 +269,25 @@ def cmd_train(args: argparse.Namespace) -> None:
         "processes": result.processes,
     }
     print(json.dumps(summary, indent=2) if args.json else _lines(summary))
+
+
+def _image_captions(args: argparse.Namespace) -> tuple[str, ...]:
+    """For --captions: the text of name.txt beside each --images file, in the images' order."""
+    from hyperbooth.images import collect_images
+
+    if args.concept:
+        raise HyperboothError("--captions reads the --images files' captions; not with --concept")
+    if args.method == "textual-inversion":
+        raise HyperboothError("textual-inversion takes no --captions (use --templates)")
+    captions = []
+    for path in collect_images(args.images):
+        text = path.with_suffix(".txt")
+        if not text.is_file():
+            raise HyperboothError(
+                f"--captions: {text} is missing; write {path.name}'s prompt in it"
+            )
+        captions.append(" ".join(read_lines(text, "caption")))
+    return tuple(captions)
 
 
 def _concepts(args: argparse.Namespace, subject, resolution: int) -> list[tuple]:
@@ -784,6 +804,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--class", dest="class_name", default="face", help="subject class (default face)"
     )
     p.add_argument("--prompt", default=None, help="instance prompt; default 'a {token} {class}'")
+    p.add_argument(
+        "--captions",
+        action="store_true",
+        help="each image's prompt is the text of name.txt beside name.png (with the token); "
+        "naming what each photo shows besides the subject keeps it out of the subject",
+    )
     p.add_argument("--steps", type=int, default=400)
     p.add_argument(
         "--lr",

@@ -25,6 +25,9 @@ class SubjectConfig:
     token: str = "sks"
     class_name: str = "face"
     instance_prompt: str | None = None  # default "a {token} {class_name}"
+    # One prompt per training image (its caption, e.g. from name.txt beside name.png), each with
+    # the token; None: `prompt` for every image.
+    instance_prompts: tuple[str, ...] | None = None
     prior_preservation: bool = False
     prior_weight: float = 1.0
     num_class_images: int = 100
@@ -48,16 +51,27 @@ class SubjectConfig:
             raise HyperboothError(f"--rescale takes a count >= 0, got {self.rescale_copies}")
         if not self.token or any(c.isspace() for c in self.token):
             raise HyperboothError(f"--token must be one word, got {self.token!r}")
-        if self.instance_prompt is not None and self.token not in self.instance_prompt.split():
-            raise HyperboothError(
-                f"the prompt {self.instance_prompt!r} does not contain the token {self.token!r}; "
-                f"write it in, e.g. 'a {self.token} {self.class_name}'"
-            )
+        for given in (self.instance_prompt, *(self.instance_prompts or ())):
+            if given is not None and self.token not in given.split():
+                raise HyperboothError(
+                    f"the prompt {given!r} does not contain the token {self.token!r}; "
+                    f"write it in, e.g. 'a {self.token} {self.class_name}'"
+                )
 
     @property
     def prompt(self) -> str:
         """The instance prompt."""
         return self.instance_prompt or f"a {self.token} {self.class_name}"
+
+    def image_prompts(self, count: int) -> list[str]:
+        """The prompt of each of count training images."""
+        if self.instance_prompts is None:
+            return [self.prompt] * count
+        if len(self.instance_prompts) != count:
+            raise HyperboothError(
+                f"{len(self.instance_prompts)} captions for {count} images; give one per image"
+            )
+        return list(self.instance_prompts)
 
     @property
     def prior_prompt(self) -> str:
@@ -108,19 +122,19 @@ def rescale_image(
 
 
 def rescaled_copies(
-    images: list[Image.Image], prompt: str, copies: int, seed: list[int], grid: int
+    images: list[Image.Image], prompts: list[str], copies: int, seed: list[int], grid: int
 ) -> tuple[list[Image.Image], list[torch.Tensor], list[str]]:
-    """`copies` rescale augmentations of each image (the first unchanged): pictures, masks, prompts."""
-    pictures, masks, prompts = [], [], []
-    for i, image in enumerate(images):
+    """`copies` rescale augmentations of each image (the first unchanged), each with its prompt."""
+    pictures, masks, out = [], [], []
+    for i, (image, prompt) in enumerate(zip(images, prompts, strict=True)):
         rng = np.random.default_rng([*seed, i])
         for k in range(max(copies, 1)):
             scale = 1.0 if k == 0 else float(rng.uniform(0.4, 1.4))
             picture, mask, prefix = rescale_image(image, scale, rng, grid)
             pictures.append(picture)
             masks.append(torch.from_numpy(mask))
-            prompts.append(prefix + prompt)
-    return pictures, masks, prompts
+            out.append(prefix + prompt)
+    return pictures, masks, out
 
 
 @torch.no_grad()
@@ -163,8 +177,8 @@ class SubjectData:
     instance_mean: torch.Tensor  # (N, 4, h, w)
     instance_std: torch.Tensor
     instance_ids: torch.Tensor  # (1, 77), or (T, 77): prompt templates, one drawn per sample
-    # With rescale_copies: each latent's loss mask (N, 1, h, w), and instance_ids is (N, 77),
-    # each latent's own prompt.
+    # With rescale_copies or instance_prompts: each latent's loss mask (N, 1, h, w), and
+    # instance_ids is (N, 77), each latent's own prompt.
     instance_mask: torch.Tensor | None = None
     class_mean: torch.Tensor | None = None
     class_std: torch.Tensor | None = None
@@ -187,9 +201,13 @@ def prepare_subject(
         )
     check_max_timestep(subject.max_timestep, base.scheduler.config.num_train_timesteps)
     prompts, masks = subject.prompt, None
-    if subject.rescale_copies:
+    if subject.rescale_copies or subject.instance_prompts is not None:  # each its own prompt
         images, masks, prompts = rescaled_copies(
-            images, subject.prompt, subject.rescale_copies, [0], base.vae_scale_factor
+            images,
+            subject.image_prompts(len(images)),
+            subject.rescale_copies,
+            [0],
+            base.vae_scale_factor,
         )
     mean, std = encode_images(base, images, device)
     data = SubjectData(mean, std, token_ids(base, prompts).to(device))
@@ -249,7 +267,7 @@ class SubjectMethod:
         index = torch.randint(0, data.instance_mean.shape[0], (n,), generator=g)
         means, stds = [data.instance_mean[index]], [data.instance_std[index]]
         mask = None
-        if data.instance_mask is not None:  # rescaled copies: each its own prompt and mask
+        if data.instance_mask is not None:  # each latent its own prompt and mask
             hidden = [self.indexed_hidden(data.instance_ids, index)]
             mask = [data.instance_mask[index]]
         elif data.instance_ids.shape[0] == 1:

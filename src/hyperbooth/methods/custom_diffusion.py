@@ -96,7 +96,9 @@ def build_bank(
     pictures, masks, prompts = [], [], []
     copies = config.augmentations if config.rescale else 1
     for c, (subject, images) in enumerate(concepts):
-        more = rescaled_copies(images, subject.prompt, copies, [config.seed, c], grid)
+        more = rescaled_copies(
+            images, subject.image_prompts(len(images)), copies, [config.seed, c], grid
+        )
         for have, new in zip((pictures, masks, prompts), more, strict=True):
             have.extend(new)
     mean, std = encode_images(base, pictures, device)
