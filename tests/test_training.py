@@ -300,3 +300,11 @@ def test_train_captions_reads_a_txt_beside_each_image(tmp_path, capsys):
     assert cli([*args, str(tmp_path / "b")]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["prompt"] == ["a sks face on a white background", "a sks face, pencil sketch"]
+
+
+def test_a_caption_file_that_is_not_text_is_a_one_line_error(tmp_path):
+    from hyperbooth.atomic import read_lines
+
+    (tmp_path / "0.txt").write_bytes(b"\xff\xfe\x00bad")
+    with pytest.raises(HyperboothError, match="0.txt is not UTF-8 text; save the caption as UTF-8"):
+        read_lines(tmp_path / "0.txt", "caption")

@@ -67,7 +67,11 @@ def read_lines(path: str | Path, what: str) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise HyperboothError(f"{what} file not found: {path} (one per line)")
-    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise HyperboothError(f"{path} is not UTF-8 text; save the {what} as UTF-8") from None
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     if not lines:
         raise HyperboothError(f"{path} holds no {what} (one per line)")
     return lines
