@@ -108,11 +108,19 @@ def test_conditioning_gain_reports_both_losses_per_noise_band(toy_world):
     assert all(v > 0 for v in result["captioned"] + result["empty"])
 
 
-@pytest.mark.parametrize("method", ["textual-inversion", "custom-diffusion"])
-def test_new_word_methods_personalise_under_their_own_token(toy_world, method):
+@pytest.mark.parametrize(
+    ("method", "extra"),
+    [
+        ("textual-inversion", {}),
+        ("custom-diffusion", {}),
+        ("lora", {"pivotal": True, "train_text_encoder": False}),
+    ],
+)
+def test_new_word_methods_personalise_under_their_own_token(toy_world, method, extra):
     base, judge = toy_world
     config = PersonalisationConfig(
         method=method,
+        **extra,
         identities=1,
         steps=2,
         images_per_prompt=1,

@@ -124,3 +124,81 @@ def test_prompt_templates_train_the_word_in_every_template(tiny_base, tmp_path):
         TextualInversionConfig(templates=("a photo of a face",))
     with pytest.raises(HyperboothError, match="templates"):
         read_templates(str(tmp_path / "missing.txt"))
+
+
+def test_pivotal_lora_trains_the_word_and_the_adapter_and_generate_reads_both(tmp_path, capsys):
+    Image.new("RGB", (32, 32), (20, 160, 90)).save(tmp_path / "me.png")
+    out = tmp_path / "run"
+    args = ["train", "--method", "lora", "--base", "tiny-random", "--device", "cpu", "--pivotal"]
+    args += ["--images", str(tmp_path / "me.png"), "--token", "<me>", "--steps", "3"]
+    args += ["--no-text-encoder", "--lr", "0.1", "--rank", "2", "--json"]
+    assert cli([*args, "--out", str(out)]) == 0
+    from hyperbooth.adapters.files import read_adapter
+    from hyperbooth.bases import load_base
+
+    base = load_base("tiny-random")
+    face = base.text_encoder.get_input_embeddings().weight[
+        base.tokenizer("face", add_special_tokens=False).input_ids[0]
+    ]
+    word = load_file(str(out / LEARNED_EMBEDS))["<me>"]
+    assert word.shape == (1, face.shape[0]) and not torch.equal(word[0], face)  # it trained
+    adapter = read_adapter(out / "adapter.safetensors")
+    assert adapter.info["new_word"] == {"token": "<me>", "file": LEARNED_EMBEDS}
+    assert any(v.abs().sum() > 0 for k, v in adapter.tensors.items() if k.endswith("up"))
+    assert all(k.startswith("unet.") for k in adapter.tensors)  # the text encoder stays frozen
+    grid = tmp_path / "grid.png"
+    generate = ["generate", "--base", "tiny-random", "--adapter", str(out / "adapter.safetensors")]
+    generate += ["--textual-inversion", str(out / LEARNED_EMBEDS), "--prompt", "a <me> face"]
+    assert cli([*generate, "--n", "1", "--steps", "2", "--out", str(grid)]) == 0 and grid.is_file()
+
+
+def test_pivotal_needs_a_new_word_a_frozen_text_encoder_and_an_adapter_method(tmp_path, capsys):
+    Image.new("RGB", (32, 32), (20, 160, 90)).save(tmp_path / "me.png")
+    args = ["train", "--base", "tiny-random", "--device", "cpu", "--pivotal", "--steps", "1"]
+    args += ["--images", str(tmp_path / "me.png"), "--out", str(tmp_path / "run")]
+    cases = [
+        (["--method", "lora", "--no-text-encoder"], "already in the vocabulary"),
+        (["--method", "lora", "--token", "<me>"], "--no-text-encoder"),
+        (["--method", "dreambooth", "--token", "<me>"], "--pivotal is for lora and lidb"),
+    ]
+    for extra, message in cases:
+        capsys.readouterr()
+        assert cli([*args, *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err
+    assert not (tmp_path / "run" / "adapter.safetensors").exists()
+
+
+def test_pivotal_word_steps_train_the_word_first_then_the_adapter_with_the_word_fixed(
+    tiny_base, tmp_path
+):
+    from hyperbooth.adapters.config import AdapterConfig
+    from hyperbooth.adapters.files import read_adapter
+
+    def fit(steps: int, out: str):
+        personalise(
+            copy.deepcopy(tiny_base),
+            [Image.new("RGB", (32, 32), (190, 90, 40))],
+            tmp_path / out,
+            "lora",
+            SubjectConfig(token="<me>", class_name="face"),
+            AdapterConfig(rank=2, text_encoder_targets=()),
+            TrainConfig(steps=steps, learning_rate=0.05, device="cpu"),
+            train_text_encoder=False,
+            progress=False,
+            pivotal=True,
+            word_steps=2,
+        )
+        word = load_file(str(tmp_path / out / LEARNED_EMBEDS))["<me>"]
+        tensors = read_adapter(tmp_path / out / "adapter.safetensors").tensors.values()
+        return word, [v for v in tensors if not v.abs().sum() > 0]  # LoRA's up starts at zero
+
+    word_first, zero_first = fit(2, "first")
+    word_all, zero_all = fit(4, "all")
+    initial = tiny_base.text_encoder.get_input_embeddings().weight[
+        tiny_base.tokenizer("face", add_special_tokens=False).input_ids[0]
+    ]
+    assert not torch.equal(word_first[0], initial)  # the word trained in its phase
+    assert torch.equal(word_first, word_all)  # and stayed fixed after it
+    assert len(zero_first) > 0  # the adapter's up factors were still zero after phase 1
+    assert len(zero_all) == 0  # and all moved in phase 2

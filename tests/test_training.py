@@ -258,7 +258,7 @@ def test_rescaled_copies_train_with_their_own_prompt_and_loss_mask(
 
     with pytest.raises(HyperboothError, match="--rescale"):
         SubjectConfig(rescale_copies=-1)
-    with pytest.raises(HyperboothError, match="textual-inversion takes no --rescale"):
+    with pytest.raises(HyperboothError, match="takes no --rescale"):
         personalise(tiny_base, _images(1), tmp_path / "ti", "textual-inversion",
                     subject=SubjectConfig(token="<me>", rescale_copies=2), progress=False)  # fmt: skip
 
@@ -275,7 +275,7 @@ def test_each_image_trains_with_its_own_caption(tiny_base, tmp_path):
         prepare_subject(tiny_base, subject, _images(3), torch.device("cpu"), tmp_path, False)
     with pytest.raises(HyperboothError, match="does not contain the token 'sks'"):
         SubjectConfig(instance_prompts=("a sks face", "a face"))
-    with pytest.raises(HyperboothError, match="textual-inversion takes no --rescale or --captions"):
+    with pytest.raises(HyperboothError, match="takes no --rescale or --captions"):
         personalise(tiny_base, _images(1), tmp_path / "ti", "textual-inversion",
                     subject=SubjectConfig(token="<me>", instance_prompts=("a <me> face",)),
                     progress=False)  # fmt: skip

@@ -256,6 +256,8 @@ def cmd_train(args: argparse.Namespace) -> None:
             train_text_encoder=te,
             resume=args.resume,
             textual_inversion=textual_inversion,
+            pivotal=args.pivotal,
+            word_steps=args.word_steps,
         )
         prompts = list(subject.instance_prompts or [subject.prompt])
     summary = {
@@ -867,6 +869,20 @@ def build_parser() -> argparse.ArgumentParser:
         "custom-diffusion sks)",
     )
     g.add_argument("--vectors", type=int, default=1, help="textual-inversion: vectors of the word")
+    g.add_argument(
+        "--pivotal",
+        action="store_true",
+        help="lora, lidb: train a new word (--token '<me>', --initializer, --vectors) beside the "
+        "adapter, saved as learned_embeds.safetensors next to it (pivotal tuning; with "
+        "--no-text-encoder)",
+    )
+    g.add_argument(
+        "--word-steps",
+        type=int,
+        default=0,
+        help="--pivotal: the word trains alone for this many of --steps first, then stays fixed "
+        "while the adapter trains (default 0: both all along)",
+    )
     g.add_argument(
         "--templates",
         default=None,

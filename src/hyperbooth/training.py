@@ -63,6 +63,7 @@ class StepBatch:
 
     generator: torch.Generator  # the only source of randomness for this micro-batch
     batch_size: int
+    step: int = 0  # the optimiser step this micro-batch belongs to (0-based)
 
 
 class Method(Protocol):
@@ -296,7 +297,8 @@ def train(
         optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
         for micro in range(config.gradient_accumulation):
-            batch = StepBatch(step_generator(config.seed, step, micro, rank), config.batch_size)
+            generator = step_generator(config.seed, step, micro, rank)
+            batch = StepBatch(generator, config.batch_size, step)
             with autocast(accelerator.device, precision):
                 loss = method.loss(batch) / config.gradient_accumulation
             (scaler.scale(loss) if scaler else loss).backward()

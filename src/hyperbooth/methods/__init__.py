@@ -33,8 +33,16 @@ def make_method(
     adapter: AdapterConfig | None = None,
     train_text_encoder: bool | None = None,
     textual_inversion: TextualInversionConfig | None = None,
+    pivotal: bool = False,
+    word_steps: int = 0,
 ) -> SubjectMethod:
-    """Build a method by name; adapter/text-encoder settings apply to the methods that use them."""
+    """Build a method by name; adapter/text-encoder settings apply to the methods that use them.
+
+    pivotal (lora, lidb): a new word (textual_inversion's settings) trains beside the adapter;
+    word_steps > 0: alone for those first steps, then fixed while the adapter trains.
+    """
+    if pivotal and name not in ("lora", "lidb"):
+        raise HyperboothError(f"--pivotal is for lora and lidb, not {name}")
     if name == "textual-inversion":
         return TextualInversion(base, subject, data, textual_inversion or TextualInversionConfig())
     if name == "dreambooth":
@@ -42,7 +50,9 @@ def make_method(
     if name in ("lora", "lidb"):
         adapter = replace(adapter or AdapterConfig(), kind=name)
         te = True if train_text_encoder is None else train_text_encoder
-        return AdapterDreamBooth(base, subject, data, AdapterMethodConfig(adapter, te))
+        word = (textual_inversion or TextualInversionConfig()) if pivotal else None
+        config = AdapterMethodConfig(adapter, te, word, word_steps)
+        return AdapterDreamBooth(base, subject, data, config)
     raise ValueError(f"unknown method {name!r}; choose from {METHODS}")
 
 
@@ -59,11 +69,15 @@ def personalise(
     progress: bool = True,
     textual_inversion: TextualInversionConfig | None = None,
     custom_diffusion: CustomDiffusionConfig | None = None,
+    pivotal: bool = False,
+    word_steps: int = 0,
 ) -> TrainResult:
     """Fit one subject with one method and save the result into out_dir."""
     subject = subject or SubjectConfig()
     train_config = train_config or TrainConfig()
     if method == "custom-diffusion":
+        if pivotal:
+            raise HyperboothError("--pivotal is for lora and lidb, not custom-diffusion")
         return personalise_concepts(
             base, [(subject, images)], out_dir, custom_diffusion, train_config, resume, progress
         )
@@ -72,7 +86,15 @@ def personalise(
     base.to(accelerator.device)
     data = prepare_subject(base, subject, images, accelerator.device, out_dir, progress)
     runner = make_method(
-        method, base, subject, data, adapter, train_text_encoder, textual_inversion
+        method,
+        base,
+        subject,
+        data,
+        adapter,
+        train_text_encoder,
+        textual_inversion,
+        pivotal,
+        word_steps,
     )
     run_info = {"subject": asdict(subject), "method_config": _jsonable(runner)}
     return train(runner, train_config, out_dir, accelerator, resume, run_info, progress)
@@ -122,7 +144,10 @@ def _jsonable(runner: SubjectMethod) -> dict:
     """The method's own config as plain data (for checkpoint compatibility checks)."""
     config = runner.config
     if isinstance(config, AdapterMethodConfig):
-        return {"adapter": asdict(config.adapter), "train_text_encoder": config.train_text_encoder}
+        plain = {"adapter": asdict(config.adapter), "train_text_encoder": config.train_text_encoder}
+        if config.new_word is None:
+            return plain
+        return plain | {"new_word": asdict(config.new_word), "word_steps": config.word_steps}
     return asdict(config)
 
 

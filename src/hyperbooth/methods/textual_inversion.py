@@ -142,8 +142,9 @@ class TextualInversion(SubjectMethod):
         self.config = config
         if data.instance_mask is not None:
             raise HyperboothError(
-                "textual-inversion takes no --rescale or --captions (its prompts are rewritten per "
-                "word, so the images would lose their own words); drop them"
+                "a new word (textual-inversion, --pivotal) takes no --rescale or --captions (its "
+                "prompts are rewritten per word, so the images would lose their own words); drop "
+                "them"
             )
         initial = base.tokenizer(config.initializer, add_special_tokens=False).input_ids
         if len(initial) != 1:

@@ -305,6 +305,9 @@ class PersonalisationConfig:
     # a plain white background, medium shot, shaded"), so the base's own words explain the
     # context and the adapter is left the identity (hyperdreambooth: the fast fine-tune's prompt).
     describe_reference: bool = False
+    # lora, lidb: a new word ("<sks>", from "face") trains beside the adapter (pivotal tuning).
+    pivotal: bool = False
+    word_steps: int = 0  # pivotal: the word alone first for this many of `steps`
     # hyperdreambooth: the hypernetwork folder and METHOD 3.4's ablations (steps, rank and
     # learning_rate above are the fast fine-tune's).
     hypernet: str | None = None
@@ -315,7 +318,7 @@ class PersonalisationConfig:
     @property
     def token(self) -> str:
         """The subject's word: methods that add a new word need one the tokenizer lacks."""
-        return "<sks>" if self.method in NEW_WORD_METHODS else TOKEN
+        return "<sks>" if self.method in NEW_WORD_METHODS or self.pivotal else TOKEN
 
 
 def regularisation_folder(folder: Path, count: int, seed: int = 0) -> Path:
@@ -488,6 +491,8 @@ def personalisation(
                     train_text_encoder=config.train_text_encoder,
                     textual_inversion=TextualInversionConfig(initializer="face"),
                     custom_diffusion=CustomDiffusionConfig(seed=config.seed),
+                    pivotal=config.pivotal,
+                    word_steps=config.word_steps,
                 )
                 stored, fit_seconds = stored_bytes(result.output), result.seconds
         started = time.perf_counter()
@@ -842,6 +847,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         "(background, style, headwear, framing)",
     )
     parser.add_argument(
+        "--pivotal",
+        action="store_true",
+        help="personalisation, lora and lidb: a new word trains beside the adapter",
+    )
+    parser.add_argument(
+        "--word-steps",
+        type=int,
+        default=0,
+        help="personalisation, --pivotal: the word trains alone for this many of --steps first",
+    )
+    parser.add_argument(
         "--adapter-below",
         type=int,
         default=None,
@@ -919,6 +935,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             subject_guidance=args.subject_guidance,
             rescale_copies=args.rescale,
             describe_reference=args.describe_reference,
+            pivotal=args.pivotal,
+            word_steps=args.word_steps,
             hypernet=args.hypernet,
             use_hypernet=not args.no_hypernet,
             fine_tune=not args.hypernet_only,
