@@ -308,3 +308,80 @@ def test_a_caption_file_that_is_not_text_is_a_one_line_error(tmp_path):
     (tmp_path / "0.txt").write_bytes(b"\xff\xfe\x00bad")
     with pytest.raises(HyperboothError, match="0.txt is not UTF-8 text; save the caption as UTF-8"):
         read_lines(tmp_path / "0.txt", "caption")
+
+
+def test_masks_weigh_the_loss_on_the_subject_region(tiny_base, tmp_path):
+    import numpy as np
+
+    from hyperbooth.diffusion import diffusion_loss
+    from hyperbooth.methods.common import prepare_subject
+
+    mask = np.zeros((32, 32), dtype=np.float32)
+    mask[:16, :16] = 1.0  # the top-left quarter is the subject
+    mask[16:20, 16:20] = 0.5
+    subject = SubjectConfig(mask_weight=3.0)
+    data = prepare_subject(
+        tiny_base, subject, _images(1), torch.device("cpu"), tmp_path, False, masks=[mask]
+    )
+    grid = tiny_base.vae_scale_factor
+    weights = data.instance_mask[0, 0]
+    assert weights.shape == (32 // grid, 32 // grid)
+    half = 16 // grid
+    assert torch.all(weights[:half, :half] == 4.0) and weights[-1, -1] == 1.0
+    assert weights[half, half] == 1.0 + 3.0 * 0.5 * min(1.0, 4 / grid) ** 2  # area-averaged
+    # The loss is the weighted mean: equal to the plain mean when every weight is equal.
+    latents = torch.randn(
+        1, *data.instance_mean.shape[1:], generator=torch.Generator().manual_seed(0)
+    )
+    hidden = tiny_base.text_encoder(data.instance_ids)[0]
+    plain = diffusion_loss(
+        tiny_base.unet, tiny_base.scheduler, latents, hidden, torch.Generator().manual_seed(1)
+    )
+    flat = diffusion_loss(
+        tiny_base.unet, tiny_base.scheduler, latents, hidden, torch.Generator().manual_seed(1),
+        mask=torch.full_like(data.instance_mask, 4.0),
+    )  # fmt: skip
+    torch.testing.assert_close(plain, flat)
+    for bad, message in [
+        ([mask, mask], "2 masks for 1 images"),
+        ([mask * 2], r"masks must be in \[0, 1\]"),
+    ]:
+        with pytest.raises(HyperboothError, match=message):
+            prepare_subject(tiny_base, subject, _images(1), torch.device("cpu"), tmp_path, False,
+                            masks=bad)  # fmt: skip
+    with pytest.raises(HyperboothError, match="--rescale cannot take masks"):
+        prepare_subject(tiny_base, SubjectConfig(rescale_copies=2), _images(1),
+                        torch.device("cpu"), tmp_path, False, masks=[mask])  # fmt: skip
+
+
+def test_train_masks_reads_one_mask_per_image_by_name(tmp_path, capsys):
+    import json
+
+    from hyperbooth.cli import main as cli
+
+    photos, masks = tmp_path / "photos", tmp_path / "masks"
+    photos.mkdir()
+    masks.mkdir()
+    for k, image in enumerate(_images(2)):
+        image.save(photos / f"{k}.png")
+    Image.new("L", (32, 32), 255).save(masks / "0.png")
+    args = ["train", "--method", "lora", "--base", "tiny-random", "--images", str(photos)]
+    args += ["--steps", "1", "--device", "cpu", "--json", "--masks", str(masks), "--out"]
+    cases = [
+        ([], "no mask for 1.png"),
+        (["--mask-weight", "-1"], "--mask-weight must be >= 0"),
+    ]
+    for extra, message in cases:
+        assert cli([*args[:-1], *extra, "--out", str(tmp_path / "bad")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err
+    Image.new("L", (16, 16), 0).save(masks / "1.png")
+    assert cli([*args, str(tmp_path / "bad")]) == 2
+    assert "1.png is 16x16 but 1.png is 32x32" in capsys.readouterr().err
+    Image.new("L", (32, 32), 0).save(masks / "1.png")
+    assert cli([*args, str(tmp_path / "ok")]) == 0
+    assert json.loads(capsys.readouterr().out)["steps"] == 1
+    no_masks = [a for a in args if a not in ("--masks", str(masks))]
+    assert cli([*no_masks[:-1], "--mask-weight", "2", "--out", str(tmp_path / "c")]) == 2
+    assert "pass --masks DIR too" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "c").exists()

@@ -202,6 +202,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         max_timestep=args.max_timestep,
         rescale_copies=args.rescale,
         instance_prompts=_image_captions(args) if args.captions else None,
+        mask_weight=_mask_weight(args),
     )
     train_config = TrainConfig(
         steps=args.steps,
@@ -240,6 +241,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         prompts = [concept.prompt for concept, _ in concepts]
     else:
         images = load_images(args.images, base.resolution)
+        masks = _image_masks(args, base.resolution) if args.masks else None
         loaded = time.perf_counter()
         te = args.train_text_encoder if args.method == "dreambooth" else not args.no_text_encoder
         textual_inversion = TextualInversionConfig(
@@ -258,6 +260,7 @@ def cmd_train(args: argparse.Namespace) -> None:
             textual_inversion=textual_inversion,
             pivotal=args.pivotal,
             word_steps=args.word_steps,
+            masks=masks,
         )
         prompts = list(subject.instance_prompts or [subject.prompt])
     summary = {
@@ -271,6 +274,42 @@ def cmd_train(args: argparse.Namespace) -> None:
         "processes": result.processes,
     }
     print(json.dumps(summary, indent=2) if args.json else _lines(summary))
+
+
+def _mask_weight(args: argparse.Namespace) -> float:
+    """--mask-weight: 3 with --masks by default; an error without them."""
+    if args.mask_weight is not None and not args.masks:
+        raise HyperboothError("--mask-weight weighs the --masks regions; pass --masks DIR too")
+    if args.masks and args.method == "custom-diffusion":
+        raise HyperboothError("custom-diffusion takes no --masks (it rescales its images)")
+    return 0.0 if not args.masks else 3.0 if args.mask_weight is None else args.mask_weight
+
+
+def _image_masks(args: argparse.Namespace, resolution: int) -> list:
+    """For --masks: DIR/<stem>.<any image suffix> per --images file, cropped as the image is."""
+    import numpy as np
+    from PIL import Image
+
+    from hyperbooth.images import IMAGE_SUFFIXES, collect_images, load_image
+
+    folder = Path(args.masks)
+    if not folder.is_dir():
+        raise HyperboothError(f"--masks {folder} is not a folder of masks named like the images")
+    masks = []
+    for path in collect_images(args.images):
+        found = [folder / f"{path.stem}{suffix}" for suffix in IMAGE_SUFFIXES]
+        found = [candidate for candidate in found if candidate.is_file()]
+        if not found:
+            raise HyperboothError(f"--masks: no mask for {path.name} in {folder} ({path.stem}.png)")
+        with Image.open(path) as image, Image.open(found[0]) as mask:
+            if image.size != mask.size:
+                raise HyperboothError(
+                    f"--masks: {found[0].name} is {mask.size[0]}x{mask.size[1]} but {path.name} "
+                    f"is {image.size[0]}x{image.size[1]}; a mask must match its image"
+                )
+        grey = load_image(found[0], resolution).convert("L")
+        masks.append(np.asarray(grey, dtype=np.float32) / 255.0)
+    return masks
 
 
 def _image_captions(args: argparse.Namespace) -> tuple[str, ...]:
@@ -811,6 +850,19 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="each image's prompt is the text of name.txt beside name.png (with the token); "
         "naming what each photo shows besides the subject keeps it out of the subject",
+    )
+    p.add_argument(
+        "--masks",
+        default=None,
+        metavar="DIR",
+        help="a folder with one mask per image, named like it (white on the subject, e.g. from a "
+        "face parser); the loss weighs the subject 1 + --mask-weight times the rest",
+    )
+    p.add_argument(
+        "--mask-weight",
+        type=float,
+        default=None,
+        help="with --masks: the subject's extra loss weight (default 3)",
     )
     p.add_argument("--steps", type=int, default=400)
     p.add_argument(

@@ -71,11 +71,17 @@ def personalise(
     custom_diffusion: CustomDiffusionConfig | None = None,
     pivotal: bool = False,
     word_steps: int = 0,
+    masks: list | None = None,
 ) -> TrainResult:
-    """Fit one subject with one method and save the result into out_dir."""
+    """Fit one subject with one method and save the result into out_dir.
+
+    masks: one (H, W) array in [0, 1] per image, the subject's region (SubjectConfig.mask_weight).
+    """
     subject = subject or SubjectConfig()
     train_config = train_config or TrainConfig()
     if method == "custom-diffusion":
+        if masks is not None:
+            raise HyperboothError("custom-diffusion takes no masks (it rescales its images)")
         if pivotal:
             raise HyperboothError("--pivotal is for lora and lidb, not custom-diffusion")
         return personalise_concepts(
@@ -84,7 +90,7 @@ def personalise(
     out_dir = Path(out_dir)
     accelerator = make_accelerator(train_config)
     base.to(accelerator.device)
-    data = prepare_subject(base, subject, images, accelerator.device, out_dir, progress)
+    data = prepare_subject(base, subject, images, accelerator.device, out_dir, progress, masks)
     runner = make_method(
         method,
         base,

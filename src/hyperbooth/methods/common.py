@@ -44,9 +44,14 @@ class SubjectConfig:
     # "a far away"/"very small" before the prompt, an enlarged one cropped with "zoomed in"/"close
     # up". 0: the images as given.
     rescale_copies: int = 0
+    # With a mask per image (white on the subject, e.g. a face parser's), the loss weighs each
+    # latent pixel 1 + mask_weight * mask: the fit spends itself on the subject, not the scene.
+    mask_weight: float = 0.0
 
     def __post_init__(self) -> None:
         check_max_timestep(self.max_timestep)
+        if self.mask_weight < 0:
+            raise HyperboothError(f"--mask-weight must be >= 0, got {self.mask_weight}")
         if self.rescale_copies < 0:
             raise HyperboothError(f"--rescale takes a count >= 0, got {self.rescale_copies}")
         if not self.token or any(c.isspace() for c in self.token):
@@ -137,6 +142,23 @@ def rescaled_copies(
     return pictures, masks, out
 
 
+def loss_weights(
+    masks: list[np.ndarray], count: int, subject: SubjectConfig, grid: int
+) -> torch.Tensor:
+    """(N, 1, h, w) per-latent-pixel loss weights 1 + mask_weight * (the mask, area-averaged)."""
+    if len(masks) != count:
+        raise HyperboothError(f"{len(masks)} masks for {count} images; give one per image")
+    if subject.rescale_copies:
+        raise HyperboothError("--rescale cannot take masks yet; drop one of them")
+    stacked = torch.stack([torch.as_tensor(np.asarray(m, dtype=np.float32)) for m in masks])
+    if stacked.min() < 0 or stacked.max() > 1 or stacked.shape[-1] % grid:
+        raise HyperboothError(
+            f"masks must be in [0, 1] and sized like the images (a multiple of {grid} pixels)"
+        )
+    pooled = torch.nn.functional.avg_pool2d(stacked[:, None], grid)
+    return 1.0 + subject.mask_weight * pooled
+
+
 @torch.no_grad()
 def encode_images(base: object, images: list[Image.Image], device: torch.device, chunk: int = 4):
     """VAE posteriors of images as (mean, std), already multiplied by vae.config.scaling_factor."""
@@ -193,12 +215,20 @@ def prepare_subject(
     device: torch.device,
     out_dir: Path,
     progress: bool = True,
+    masks: list[np.ndarray] | None = None,
 ) -> SubjectData:
-    """Encode the subject (and class) images once; tokenise the prompts once."""
+    """Encode the subject (and class) images once; tokenise the prompts once.
+
+    masks: one (H, W) array in [0, 1] per image (the subject's region), weighted by
+    subject.mask_weight in the loss.
+    """
     if not images:
         raise HyperboothError(
             "no training images given; pass --images with 1-5 photos of the subject"
         )
+    weights = None
+    if masks is not None:
+        weights = loss_weights(masks, len(images), subject, base.vae_scale_factor)
     check_max_timestep(subject.max_timestep, base.scheduler.config.num_train_timesteps)
     prompts, masks = subject.prompt, None
     if subject.rescale_copies or subject.instance_prompts is not None:  # each its own prompt
@@ -213,6 +243,8 @@ def prepare_subject(
     data = SubjectData(mean, std, token_ids(base, prompts).to(device))
     if masks is not None:
         data.instance_mask = torch.stack(masks)[:, None].to(device)
+    if weights is not None:
+        data.instance_mask = weights.to(device)
     if subject.regularisation_dir:
         from hyperbooth.retrieve import captioned_images
 

@@ -53,6 +53,7 @@ from hyperbooth.miniworld.render import (
     TRAITS,
     Context,
     Identity,
+    feature_map,
     held_out,
     random_context,
     random_identity,
@@ -308,6 +309,9 @@ class PersonalisationConfig:
     # lora, lidb: a new word ("<sks>", from "face") trains beside the adapter (pivotal tuning).
     pivotal: bool = False
     word_steps: int = 0  # pivotal: the word alone first for this many of `steps`
+    # The loss weighs the reference's face features (render.feature_map, what a face parser
+    # would mark) 1 + mask_weight times the rest; 0: uniform.
+    mask_weight: float = 0.0
     # hyperdreambooth: the hypernetwork folder and METHOD 3.4's ablations (steps, rank and
     # learning_rate above are the fast fine-tune's).
     hypernet: str | None = None
@@ -479,6 +483,7 @@ def personalisation(
                         regularisation_dir=regularisation,
                         max_timestep=config.max_timestep,
                         rescale_copies=config.rescale_copies,
+                        mask_weight=config.mask_weight,
                     ),
                     adapter,
                     TrainConfig(
@@ -493,6 +498,9 @@ def personalisation(
                     custom_diffusion=CustomDiffusionConfig(seed=config.seed),
                     pivotal=config.pivotal,
                     word_steps=config.word_steps,
+                    masks=[feature_map(REFERENCE_CONTEXT, config.seed + index)]
+                    if config.mask_weight
+                    else None,
                 )
                 stored, fit_seconds = stored_bytes(result.output), result.seconds
         started = time.perf_counter()
@@ -852,6 +860,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="personalisation, lora and lidb: a new word trains beside the adapter",
     )
     parser.add_argument(
+        "--mask-weight",
+        type=float,
+        default=0.0,
+        help="personalisation: the loss weighs the reference's face features 1 + this (0: uniform)",
+    )
+    parser.add_argument(
         "--word-steps",
         type=int,
         default=0,
@@ -937,6 +951,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             describe_reference=args.describe_reference,
             pivotal=args.pivotal,
             word_steps=args.word_steps,
+            mask_weight=args.mask_weight,
             hypernet=args.hypernet,
             use_hypernet=not args.no_hypernet,
             fine_tune=not args.hypernet_only,
