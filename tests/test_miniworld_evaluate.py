@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from hyperbooth.bases import load_base
 from hyperbooth.errors import HyperboothError
 from hyperbooth.miniworld.evaluate import (
     EVALUATION_CONTEXTS,
+    REFERENCE_CONTEXT,
     TWO_CONCEPT_APPROACHES,
     PersonalisationConfig,
     TwoConceptConfig,
@@ -258,3 +260,38 @@ def test_describe_reference_names_the_reference_context_in_the_fitting_prompt(
         else "a sks face"
     )
     assert seen == [expected]
+
+
+def test_also_guidance_scores_the_same_fits_again_and_mask_weight_passes_the_face_map(
+    toy_world, monkeypatch
+):
+    import hyperbooth.methods as methods
+    import hyperbooth.miniworld.evaluate as evaluate
+    from hyperbooth.miniworld.render import feature_map
+
+    base, judge = toy_world
+    guidances, fits = [], []
+    real_generate, real_personalise = evaluate.generate_images, methods.personalise
+
+    def generate(model, prompts, **kwargs):
+        guidances.append(kwargs["guidance"])
+        return real_generate(model, prompts, **kwargs)
+
+    def personalise(*args, **kwargs):
+        fits.append((args[4].mask_weight, kwargs["masks"]))
+        return real_personalise(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "generate_images", generate)
+    monkeypatch.setattr(methods, "personalise", personalise)
+    config = PersonalisationConfig(
+        method="lora", identities=1, steps=1, images_per_prompt=1, sampling_steps=2,
+        also_guidance=(2.0,), mask_weight=3.0,
+    )  # fmt: skip
+    result = personalisation(base, judge, config, progress=False)
+    assert guidances == [7.5, 2.0, 7.5, 2.0]  # base, base again, subject, subject again
+    assert len(fits) == 1 and fits[0][0] == 3.0
+    assert np.array_equal(fits[0][1][0], feature_map(REFERENCE_CONTEXT, 0))
+    also = result["also_guidance"]["2.0"]
+    assert set(also["summary"]) == {"personalised", "base"}
+    assert len(also["by_prompt"]) == len(result["prompts"])
+    assert all(0 <= also["summary"]["personalised"][k] <= 1 for k in ("identity", "prompt"))

@@ -287,6 +287,8 @@ class PersonalisationConfig:
     images_per_prompt: int = 2
     sampling_steps: int = 20
     guidance: float = 7.5  # classifier-free guidance scale at sampling (subject and base alike)
+    # Also draw and score the same fits at these guidance scales (reported under "also_guidance").
+    also_guidance: tuple[float, ...] = ()
     seed: int = 0
     regularisation_images: int = 200  # custom-diffusion: captioned training renders
     rank: int = 1  # lidb, lora
@@ -442,6 +444,13 @@ def personalisation(
     if config.method == "hyperdreambooth":  # before any work: a bad --hypernet fails at once
         hypernet, fast = _fast_path(config)
     plain_readings = [judge.read(row) for row in generate_images(base, plain_prompts, **generate)]
+    also_plain = {
+        g: [
+            judge.read(row)
+            for row in generate_images(base, plain_prompts, **generate | {"guidance": g})
+        ]
+        for g in config.also_guidance
+    }
     rows = []
     shared = tempfile.TemporaryDirectory()
     regularisation = None
@@ -526,6 +535,22 @@ def personalisation(
             "base_by_prompt": base_by_prompt,
             "personalised_by_trait": trait_hits(identity, readings),
         }
+        if config.also_guidance:
+            row["also_guidance"] = {}
+        for g in config.also_guidance:
+            images = generate_images(
+                subject,
+                prompts,
+                adapter_below=config.adapter_below,
+                subject_scale=config.subject_guidance,
+                **generate | {"guidance": g},
+            )
+            row["also_guidance"][str(g)] = {
+                "personalised_by_prompt": scores_by_prompt(
+                    identity, [judge.read(r) for r in images]
+                ),
+                "base_by_prompt": scores_by_prompt(identity, also_plain[g]),
+            }
         rows.append(row)
     shared.cleanup()
     summary = {
@@ -550,8 +575,29 @@ def personalisation(
         },
         "fit_seconds_mean": float(np.mean([row["fit_seconds"] for row in rows])),
         "stored_bytes": rows[0]["stored_bytes"] if rows else None,
+        **({"also_guidance": _also_guidance(rows, prompts)} if config.also_guidance else {}),
         "identities": rows,
     }
+
+
+def _also_guidance(rows: list[dict], prompts: list[str]) -> dict:
+    """Per extra guidance scale: the mean scores and the per-prompt means over identities."""
+    out = {}
+    for g in rows[0]["also_guidance"] if rows else ():
+        sides = {
+            side: [row["also_guidance"][g][f"{side}_by_prompt"] for row in rows]
+            for side in ("personalised", "base")
+        }
+        out[g] = {
+            "summary": {
+                side: mean_scores([mean_scores(r) for r in v]) for side, v in sides.items()
+            },
+            "by_prompt": [
+                {"text": text, **mean_scores([r[k] for r in sides["personalised"]])}
+                for k, text in enumerate(prompts)
+            ],
+        }
+    return out
 
 
 # --- Two concepts in one picture (issue 6) ---------------------------------------------------------
@@ -860,6 +906,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="personalisation, lora and lidb: a new word trains beside the adapter",
     )
     parser.add_argument(
+        "--also-guidance",
+        type=float,
+        nargs="*",
+        default=[],
+        help="personalisation: also draw and score the same fits at these guidance scales",
+    )
+    parser.add_argument(
         "--mask-weight",
         type=float,
         default=0.0,
@@ -952,6 +1005,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             pivotal=args.pivotal,
             word_steps=args.word_steps,
             mask_weight=args.mask_weight,
+            also_guidance=tuple(args.also_guidance),
             hypernet=args.hypernet,
             use_hypernet=not args.no_hypernet,
             fine_tune=not args.hypernet_only,
