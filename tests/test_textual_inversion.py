@@ -148,8 +148,17 @@ def test_pivotal_lora_trains_the_word_and_the_adapter_and_generate_reads_both(tm
     assert all(k.startswith("unet.") for k in adapter.tensors)  # the text encoder stays frozen
     grid = tmp_path / "grid.png"
     generate = ["generate", "--base", "tiny-random", "--adapter", str(out / "adapter.safetensors")]
-    generate += ["--textual-inversion", str(out / LEARNED_EMBEDS), "--prompt", "a <me> face"]
-    assert cli([*generate, "--n", "1", "--steps", "2", "--out", str(grid)]) == 0 and grid.is_file()
+    generate += ["--prompt", "a <me> face", "--n", "1", "--steps", "2"]
+    # The word loads from the file beside the adapter, or from --textual-inversion as given.
+    assert cli([*generate, "--out", str(grid)]) == 0 and grid.is_file()
+    explicit = [*generate, "--textual-inversion", str(out / LEARNED_EMBEDS)]
+    assert cli([*explicit, "--out", str(tmp_path / "explicit.png")]) == 0
+    (out / LEARNED_EMBEDS).rename(tmp_path / "moved.safetensors")
+    capsys.readouterr()
+    assert cli([*generate, "--out", str(tmp_path / "missing.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is not beside it; pass it with --textual-inversion" in err and "\n" not in err
+    assert not (tmp_path / "missing.png").exists()
 
 
 def test_pivotal_needs_a_new_word_a_frozen_text_encoder_and_an_adapter_method(tmp_path, capsys):

@@ -391,6 +391,28 @@ def _check_new_words(base: object, prompts: list[str]) -> None:
                 )
 
 
+def _pivotal_words(specs: list[str], base: object) -> list[str]:
+    """Load the word a --pivotal adapter names from the learned_embeds file beside it."""
+    from hyperbooth.adapters.files import read_adapter_parts
+    from hyperbooth.methods.textual_inversion import load_textual_inversion
+
+    words = []
+    for spec in specs:
+        path, _ = _parse_adapter_arg(spec)
+        for part in read_adapter_parts(path).values():
+            word = part.info.get("new_word")
+            if not word or word["token"] in base.tokenizer.get_vocab():
+                continue  # no word, or already loaded with --textual-inversion
+            embeds = Path(path).parent / word["file"]
+            if not embeds.is_file():
+                raise HyperboothError(
+                    f"{path} was trained with the word {word['token']} in {word['file']}, which "
+                    f"is not beside it; pass it with --textual-inversion"
+                )
+            words += load_textual_inversion(embeds, base)
+    return words
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     """Draw prompts into a grid PNG plus a JSON of what produced it."""
     import torch
@@ -415,6 +437,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     words = [
         token for path in args.textual_inversion for token in load_textual_inversion(path, base)
     ]
+    words += _pivotal_words(args.adapter, base)
     concepts = []
     for spec in args.custom_diffusion:
         path, weight = _parse_adapter_arg(spec)
