@@ -393,14 +393,14 @@ def _check_new_words(base: object, prompts: list[str]) -> None:
 
 def _pivotal_words(specs: list[str], base: object) -> list[str]:
     """Load the word a --pivotal adapter names from the learned_embeds file beside it."""
-    from hyperbooth.adapters.files import read_adapter_parts
+    from hyperbooth.adapters.files import adapter_infos
     from hyperbooth.methods.textual_inversion import load_textual_inversion
 
     words = []
     for spec in specs:
         path, _ = _parse_adapter_arg(spec)
-        for part in read_adapter_parts(path).values():
-            word = part.info.get("new_word")
+        for info in adapter_infos(path):
+            word = info.get("new_word")
             if not word or word["token"] in base.tokenizer.get_vocab():
                 continue  # no word, or already loaded with --textual-inversion
             embeds = Path(path).parent / word["file"]

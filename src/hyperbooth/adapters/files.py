@@ -100,18 +100,31 @@ def adapter_metadata(adapter: Adapter, base_name: str = "", info: dict | None = 
 
 def _read_file(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """The hyperbooth metadata and the tensors of an adapter file (safetensors only)."""
+    meta = _read_meta(path)
+    try:
+        return meta, load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise _unreadable(path, e) from e
+
+
+def _unreadable(path: str | Path, error: Exception) -> HyperboothError:
+    """The one-line error for a file safetensors cannot read."""
+    return HyperboothError(
+        f"not a readable safetensors file: {path} ({str(error).splitlines()[0]}); "
+        "pass an adapter written by hyperbooth"
+    )
+
+
+def _read_meta(path: str | Path) -> dict:
+    """The hyperbooth metadata of an adapter file, from its header alone."""
     path = Path(path)
     if not path.is_file():
         raise HyperboothError(f"adapter file not found: {path} (check the path)")
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
-        tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
-        raise HyperboothError(
-            f"not a readable safetensors file: {path} ({str(e).splitlines()[0]}); "
-            "pass an adapter written by hyperbooth"
-        ) from e
+        raise _unreadable(path, e) from e
     if METADATA_KEY not in metadata:
         raise HyperboothError(
             f"{path} has no hyperbooth metadata; it is not a hyperbooth adapter "
@@ -122,7 +135,13 @@ def _read_file(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
         raise HyperboothError(
             f"{path} has adapter format {meta.get('format')!r}, expected {FORMAT!r}"
         )
-    return meta, tensors
+    return meta
+
+
+def adapter_infos(path: str | Path) -> list[dict]:
+    """The `info` of every adapter a file holds, read from its header without the tensors."""
+    meta = _read_meta(path)
+    return [part.get("info") or {} for part in meta.get("parts", [meta])]
 
 
 def _adapter_file(meta: dict, tensors: dict[str, torch.Tensor]) -> AdapterFile:

@@ -226,23 +226,23 @@ def prepare_subject(
         raise HyperboothError(
             "no training images given; pass --images with 1-5 photos of the subject"
         )
-    weights = None
+    weights = None  # (N, 1, h, w) per-latent loss weights, when latents differ in mask or prompt
     if masks is not None:
         weights = loss_weights(masks, len(images), subject, base.vae_scale_factor)
     check_max_timestep(subject.max_timestep, base.scheduler.config.num_train_timesteps)
-    prompts, masks = subject.prompt, None
+    prompts = subject.prompt
     if subject.rescale_copies or subject.instance_prompts is not None:  # each its own prompt
-        images, masks, prompts = rescaled_copies(
+        images, copy_masks, prompts = rescaled_copies(
             images,
             subject.image_prompts(len(images)),
             subject.rescale_copies,
             [0],
             base.vae_scale_factor,
         )
+        if weights is None:  # with masks there are no rescaled copies: one latent per image
+            weights = torch.stack(copy_masks)[:, None]
     mean, std = encode_images(base, images, device)
     data = SubjectData(mean, std, token_ids(base, prompts).to(device))
-    if masks is not None:
-        data.instance_mask = torch.stack(masks)[:, None].to(device)
     if weights is not None:
         data.instance_mask = weights.to(device)
     if subject.regularisation_dir:

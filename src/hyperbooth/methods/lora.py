@@ -87,9 +87,12 @@ class AdapterDreamBooth(SubjectMethod):
         """Text-encoder hidden states, with the new word's current vectors when it trains."""
         if self.word is None:
             return super().encode_prompt(ids)
-        if self.config.word_steps and not self.word_phase():
-            with torch.no_grad():  # the word is fixed now: no gradient reaches it
-                return self.word.encode_prompt(ids)
+        if self.config.word_steps and not self.word_phase():  # the word is fixed now
+            key = f"fixed word {ids.tolist()}"
+            if key not in self.data.hidden_cache:
+                with torch.no_grad():
+                    self.data.hidden_cache[key] = self.word.encode_prompt(ids)
+            return self.data.hidden_cache[key]
         return self.word.encode_prompt(ids)
 
     def loss(self, batch: StepBatch) -> torch.Tensor:

@@ -436,21 +436,20 @@ def personalisation(
         "n": config.images_per_prompt,
         "seed": config.seed + 1000,
         "steps": config.sampling_steps,
-        "guidance": config.guidance,
         "batch_size": 8,
         "progress": False,
-    }
+    }  # and the guidance of each drawing
     hypernet = fast = None
     if config.method == "hyperdreambooth":  # before any work: a bad --hypernet fails at once
         hypernet, fast = _fast_path(config)
-    plain_readings = [judge.read(row) for row in generate_images(base, plain_prompts, **generate)]
-    also_plain = {
-        g: [
-            judge.read(row)
-            for row in generate_images(base, plain_prompts, **generate | {"guidance": g})
-        ]
-        for g in config.also_guidance
-    }
+
+    def readings_at(model: object, texts: list[str], guidance: float, **extra) -> list:
+        """The judges' readings of model's images for texts at one guidance scale."""
+        rows = generate_images(model, texts, **generate | {"guidance": guidance}, **extra)
+        return [judge.read(row) for row in rows]
+
+    plain_readings = readings_at(base, plain_prompts, config.guidance)
+    also_plain = {g: readings_at(base, plain_prompts, g) for g in config.also_guidance}
     rows = []
     shared = tempfile.TemporaryDirectory()
     regularisation = None
@@ -513,14 +512,8 @@ def personalisation(
                 )
                 stored, fit_seconds = stored_bytes(result.output), result.seconds
         started = time.perf_counter()
-        images = generate_images(
-            subject,
-            prompts,
-            adapter_below=config.adapter_below,
-            subject_scale=config.subject_guidance,
-            **generate,
-        )
-        readings = [judge.read(row) for row in images]
+        sampling = {"adapter_below": config.adapter_below, "subject_scale": config.subject_guidance}
+        readings = readings_at(subject, prompts, config.guidance, **sampling)
         by_prompt = scores_by_prompt(identity, readings)
         base_by_prompt = scores_by_prompt(identity, plain_readings)
         row = {
@@ -536,20 +529,14 @@ def personalisation(
             "personalised_by_trait": trait_hits(identity, readings),
         }
         if config.also_guidance:
-            row["also_guidance"] = {}
-        for g in config.also_guidance:
-            images = generate_images(
-                subject,
-                prompts,
-                adapter_below=config.adapter_below,
-                subject_scale=config.subject_guidance,
-                **generate | {"guidance": g},
-            )
-            row["also_guidance"][str(g)] = {
-                "personalised_by_prompt": scores_by_prompt(
-                    identity, [judge.read(r) for r in images]
-                ),
-                "base_by_prompt": scores_by_prompt(identity, also_plain[g]),
+            row["also_guidance"] = {
+                str(g): {
+                    "personalised_by_prompt": scores_by_prompt(
+                        identity, readings_at(subject, prompts, g, **sampling)
+                    ),
+                    "base_by_prompt": scores_by_prompt(identity, also_plain[g]),
+                }
+                for g in config.also_guidance
             }
         rows.append(row)
     shared.cleanup()
