@@ -169,7 +169,11 @@ def test_pivotal_needs_a_new_word_a_frozen_text_encoder_and_an_adapter_method(tm
         (["--method", "lora", "--no-text-encoder"], "already in the vocabulary"),
         (["--method", "lora", "--token", "<me>"], "--no-text-encoder"),
         (["--method", "dreambooth", "--token", "<me>"], "--pivotal is for lora and lidb"),
-    ]
+        (["--method", "lora", "--token", "<me>", "--no-text-encoder", "--word-steps", "2"],
+         "--word-steps 2 must be in 0..1 (--steps)"),
+        (["--method", "lora", "--token", "<me>", "--no-text-encoder", "--word-steps", "-1"],
+         "--word-steps -1 must be in 0..1 (--steps)"),
+    ]  # fmt: skip
     for extra, message in cases:
         capsys.readouterr()
         assert cli([*args, *extra]) == 2

@@ -79,6 +79,11 @@ def personalise(
     """
     subject = subject or SubjectConfig()
     train_config = train_config or TrainConfig()
+    if not 0 <= word_steps <= train_config.steps:
+        raise HyperboothError(
+            f"--word-steps {word_steps} must be in 0..{train_config.steps} (--steps): the adapter "
+            "trains in the steps after the word's"
+        )
     if method == "custom-diffusion":
         if masks is not None:
             raise HyperboothError("custom-diffusion takes no masks (it rescales its images)")
