@@ -22,7 +22,7 @@ from hyperbooth.miniworld.evaluate import (
     two_concepts,
 )
 from hyperbooth.miniworld.judges import JudgeConfig, train_judge
-from hyperbooth.miniworld.render import TRAITS, held_out
+from hyperbooth.miniworld.render import NAMEABLE_TRAITS, TRAITS, held_out
 from hyperbooth.miniworld.train_base import main as train_base
 from test_miniworld_train import TOY
 
@@ -295,3 +295,33 @@ def test_also_guidance_scores_the_same_fits_again_and_mask_weight_passes_the_fac
     assert set(also["summary"]) == {"personalised", "base"}
     assert len(also["by_prompt"]) == len(result["prompts"])
     assert all(0 <= also["summary"]["personalised"][k] <= 1 for k in ("identity", "prompt"))
+
+
+def test_describe_subject_starts_the_new_word_from_the_reference_traits(toy_world, monkeypatch):
+    import hyperbooth.methods as methods
+    import hyperbooth.miniworld.evaluate as evaluate
+    from hyperbooth.miniworld.evaluate import held_out_identities, subject_description
+
+    identity = held_out_identities(1, 0)[0]
+    phrase = subject_description(identity)
+    assert phrase.startswith(f"{NAMEABLE_TRAITS['face_shape'][identity.face_shape]} face")
+    assert not phrase.startswith(("a ", "an "))
+    base, judge = toy_world
+    seen = []
+
+    def record(*args, **kwargs):
+        seen.append((args[4].prompt, kwargs["textual_inversion"].initializer))
+        raise KeyboardInterrupt  # only the word's start is wanted
+
+    monkeypatch.setattr(evaluate, "generate_images", lambda *a, **k: [])
+    monkeypatch.setattr(methods, "personalise", record)
+    config = PersonalisationConfig(
+        method="lora", identities=1, pivotal=True, describe_subject=True, train_text_encoder=False
+    )
+    with pytest.raises(KeyboardInterrupt):
+        personalisation(base, judge, config, progress=False)
+    assert seen == [("a <sks> face", phrase)]
+    with pytest.raises(HyperboothError, match="--describe-subject"):
+        personalisation(
+            base, judge, PersonalisationConfig(method="lora", describe_subject=True), False
+        )

@@ -74,8 +74,26 @@ def test_diffusers_loads_our_file_and_encodes_prompts_as_we_do(tiny_base, tmp_pa
 def test_words_already_known_and_long_initializers_are_one_line_errors(tiny_base, tmp_path):
     with pytest.raises(HyperboothError, match="already in the vocabulary"):
         _fit(copy.deepcopy(tiny_base), tmp_path, token="sks")
-    with pytest.raises(HyperboothError, match="initializer"):
-        _fit(copy.deepcopy(tiny_base), tmp_path, initializer="a red face")
+    with pytest.raises(HyperboothError, match="3 tokens, one vector each"):
+        _fit(copy.deepcopy(tiny_base), tmp_path, vectors=2, initializer="a red face")
+
+
+def test_a_phrase_initialises_one_vector_per_token(tiny_base, tmp_path):
+    from hyperbooth.methods import TextualInversion, prepare_subject
+
+    phrase = "a face with red hair"
+    tokens = tiny_base.tokenizer(phrase, add_special_tokens=False).input_ids
+    rows = tiny_base.text_encoder.get_input_embeddings().weight.detach().clone()
+    subject = SubjectConfig(token="<me>")
+    image = Image.new("RGB", (32, 32), (190, 90, 40))
+    data = prepare_subject(tiny_base, subject, [image], torch.device("cpu"), tmp_path, False)
+    method = TextualInversion(tiny_base, subject, data, TextualInversionConfig(phrase))
+    assert len(tokens) == 5 and torch.equal(method.vectors.detach(), rows[tokens])
+    # The prompt names every vector ("a <me> <me>_1 ... <me>_4 face"), in order.
+    names = ["<me>"] + [f"<me>_{i}" for i in range(1, 5)]
+    ids = tiny_base.tokenizer.convert_tokens_to_ids(names)
+    row = data.instance_ids[0].tolist()
+    assert row[row.index(ids[0]) : row.index(ids[0]) + 5] == ids
 
 
 def test_the_cli_trains_and_generates_with_the_new_word(tmp_path, capsys):

@@ -941,7 +941,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--initializer",
         default=None,
         help="the word the new vectors start from (default: textual-inversion face, "
-        "custom-diffusion sks)",
+        "custom-diffusion sks); textual-inversion and --pivotal also take a phrase, one vector "
+        "per token (e.g. 'man with red curly hair')",
     )
     g.add_argument("--vectors", type=int, default=1, help="textual-inversion: vectors of the word")
     g.add_argument(

@@ -70,6 +70,9 @@ TEMPLATE_SETS = {"photo": PHOTO_TEMPLATES, "mini": MINI_TEMPLATES}
 class TextualInversionConfig:
     """The new word: how many vectors, the word they start from, and the prompts it trains in.
 
+    initializer: one word (its embedding starts every vector) or a phrase (one vector per token,
+    each starting from its token: a description of the subject).
+
     templates: None trains on the subject prompt alone; otherwise each sample draws one
     template ("a photo of a {}"; {} becomes the new word, as in the paper).
     """
@@ -125,6 +128,21 @@ def add_new_token(base: object, token: str, vectors: int) -> list[int]:
     return base.tokenizer.convert_tokens_to_ids(names)
 
 
+def initial_tokens(base: object, config: TextualInversionConfig) -> list[int]:
+    """The token each new vector starts from: a word's, --vectors times, or each of a phrase's."""
+    initial = base.tokenizer(config.initializer, add_special_tokens=False).input_ids
+    if not initial:
+        raise HyperboothError("--initializer is empty; pass a word (e.g. face) or a phrase")
+    if len(initial) == 1:
+        return initial * config.vectors
+    if config.vectors not in (1, len(initial)):
+        raise HyperboothError(
+            f"--initializer {config.initializer!r} is {len(initial)} tokens, one vector each, "
+            f"but --vectors is {config.vectors}; drop --vectors or pass one word"
+        )
+    return initial
+
+
 class TextualInversion(SubjectMethod):
     """Only the new token's embedding vectors train; UNet and text encoder stay frozen."""
 
@@ -146,16 +164,11 @@ class TextualInversion(SubjectMethod):
                 "prompts are rewritten per word, so the images would lose their own words); drop "
                 "them"
             )
-        initial = base.tokenizer(config.initializer, add_special_tokens=False).input_ids
-        if len(initial) != 1:
-            raise HyperboothError(
-                f"--initializer {config.initializer!r} is {len(initial)} tokens; pass one word "
-                "that the tokenizer keeps whole (e.g. face, dog, mug)"
-            )
-        self.token_ids = torch.tensor(add_new_token(base, subject.token, config.vectors))
+        initial = initial_tokens(base, config)
+        self.token_ids = torch.tensor(add_new_token(base, subject.token, len(initial)))
         # The prompt was tokenised before the word existed: again, now that it is one token
         # (several vectors: the prompt names token token_1 ... as diffusers writes them).
-        word = " ".join(token_names(subject.token, config.vectors))
+        word = " ".join(token_names(subject.token, len(initial)))
         if config.templates:
             prompts = [template.format(word) for template in config.templates]
         else:
@@ -163,8 +176,8 @@ class TextualInversion(SubjectMethod):
         data.instance_ids = token_ids(base, prompts).to(data.instance_ids.device)
         embedding = base.text_encoder.get_input_embeddings()
         self.frozen = embedding.weight.detach().clone()
-        start = self.frozen[initial[0]].clone()
-        self.vectors = nn.Parameter(start.repeat(config.vectors, 1).to(embedding.weight.device))
+        start = self.frozen[torch.tensor(initial)].clone()
+        self.vectors = nn.Parameter(start.to(embedding.weight.device))
         self.weight_name = next(
             name
             for name, parameter in base.text_encoder.named_parameters()

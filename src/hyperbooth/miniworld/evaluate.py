@@ -311,6 +311,9 @@ class PersonalisationConfig:
     # lora, lidb: a new word ("<sks>", from "face") trains beside the adapter (pivotal tuning).
     pivotal: bool = False
     word_steps: int = 0  # pivotal: the word alone first for this many of `steps`
+    # textual-inversion, --pivotal: the word starts from the reference's nameable traits in words
+    # ("square face with short gray hair, green eyes, ..."), as a user would describe a subject.
+    describe_subject: bool = False
     # The loss weighs the reference's face features (render.feature_map, what a face parser
     # would mark) 1 + mask_weight times the rest; 0: uniform.
     mask_weight: float = 0.0
@@ -382,6 +385,12 @@ def mean_scores(by_prompt: Sequence[dict[str, float]]) -> dict[str, float]:
     return {key: float(np.mean([row[key] for row in by_prompt])) for key in SCORES}
 
 
+def subject_description(identity: Identity) -> str:
+    """The identity's nameable traits in words, without an article: 'round face with red hair'."""
+    traits = {name: getattr(identity, name) for name in NAMEABLE_TRAITS}
+    return prompt_for({}, traits).split(" ", 1)[1]
+
+
 def _instance_prompt(config: PersonalisationConfig) -> str | None:
     """The fitting prompt: the reference's context named with --describe-reference, else None."""
     if not config.describe_reference:
@@ -430,6 +439,11 @@ def personalisation(
     )
     from hyperbooth.training import TrainConfig
 
+    if config.describe_subject and config.token == TOKEN:
+        raise HyperboothError(
+            "--describe-subject starts a new word from a description: use it with "
+            "--method textual-inversion or --pivotal"
+        )
     prompts = [subject_prompt(names, config.token) for names in EVALUATION_CONTEXTS]
     plain_prompts = [subject_prompt(names, token=None) for names in EVALUATION_CONTEXTS]
     generate = {
@@ -502,7 +516,11 @@ def personalisation(
                     ),
                     progress=False,
                     train_text_encoder=config.train_text_encoder,
-                    textual_inversion=TextualInversionConfig(initializer="face"),
+                    textual_inversion=TextualInversionConfig(
+                        initializer=subject_description(identity)
+                        if config.describe_subject
+                        else "face"
+                    ),
                     custom_diffusion=CustomDiffusionConfig(seed=config.seed),
                     pivotal=config.pivotal,
                     word_steps=config.word_steps,
@@ -888,6 +906,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         "(background, style, headwear, framing)",
     )
     parser.add_argument(
+        "--describe-subject",
+        action="store_true",
+        help="personalisation, textual-inversion and --pivotal: the new word starts from the "
+        "reference's nameable traits in words (one vector per token)",
+    )
+    parser.add_argument(
         "--pivotal",
         action="store_true",
         help="personalisation, lora and lidb: a new word trains beside the adapter",
@@ -990,6 +1014,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             rescale_copies=args.rescale,
             describe_reference=args.describe_reference,
             pivotal=args.pivotal,
+            describe_subject=args.describe_subject,
             word_steps=args.word_steps,
             mask_weight=args.mask_weight,
             also_guidance=tuple(args.also_guidance),
