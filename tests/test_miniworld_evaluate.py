@@ -306,6 +306,8 @@ def test_describe_subject_starts_the_new_word_from_the_reference_traits(toy_worl
     phrase = subject_description(identity)
     assert phrase.startswith(f"{NAMEABLE_TRAITS['face_shape'][identity.face_shape]} face")
     assert not phrase.startswith(("a ", "an "))
+    bald = next(i for i in held_out_identities(200, 0) if i.hair_style == 3)
+    assert "bald" in subject_description(bald)  # and no hair colour, which captions never name
     base, judge = toy_world
     seen = []
 

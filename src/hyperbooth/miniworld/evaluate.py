@@ -388,6 +388,8 @@ def mean_scores(by_prompt: Sequence[dict[str, float]]) -> dict[str, float]:
 def subject_description(identity: Identity) -> str:
     """The identity's nameable traits in words, without an article: 'round face with red hair'."""
     traits = {name: getattr(identity, name) for name in NAMEABLE_TRAITS}
+    if NAMEABLE_TRAITS["hair_style"][identity.hair_style] == "bald":
+        del traits["hair_colour"]  # a bald face shows it only in the eyebrows, never named
     return prompt_for({}, traits).split(" ", 1)[1]
 
 
