@@ -191,6 +191,8 @@ def test_pivotal_needs_a_new_word_a_frozen_text_encoder_and_an_adapter_method(tm
          "--word-steps 2 must be in 0..1 (--steps)"),
         (["--method", "lora", "--token", "<me>", "--no-text-encoder", "--word-steps", "-1"],
          "--word-steps -1 must be in 0..1 (--steps)"),
+        (["--method", "lora", "--token", "<me>", "--no-text-encoder", "--word-lr", "-1"],
+         "--word-lr must be >= 0"),
     ]  # fmt: skip
     for extra, message in cases:
         capsys.readouterr()
@@ -233,3 +235,46 @@ def test_pivotal_word_steps_train_the_word_first_then_the_adapter_with_the_word_
     assert torch.equal(word_first, word_all)  # and stayed fixed after it
     assert len(zero_first) > 0  # the adapter's up factors were still zero after phase 1
     assert len(zero_all) == 0  # and all moved in phase 2
+
+
+def test_the_pivotal_word_trains_at_its_own_learning_rate(tiny_base, tmp_path):
+    from hyperbooth.adapters.config import AdapterConfig
+    from hyperbooth.methods import make_method, prepare_subject
+    from hyperbooth.training import param_groups
+
+    def fit(word_lr: float | None, out: str) -> torch.Tensor:
+        personalise(
+            copy.deepcopy(tiny_base),
+            [Image.new("RGB", (32, 32), (190, 90, 40))],
+            tmp_path / out,
+            "lora",
+            SubjectConfig(token="<me>", class_name="face"),
+            AdapterConfig(rank=2, text_encoder_targets=()),
+            TrainConfig(steps=2, learning_rate=0.05, device="cpu"),
+            train_text_encoder=False,
+            progress=False,
+            pivotal=True,
+            textual_inversion=TextualInversionConfig("face with red hair"),
+            word_learning_rate=word_lr,
+        )
+        return load_file(str(tmp_path / out / LEARNED_EMBEDS))["<me>"]
+
+    tokens = tiny_base.tokenizer("face with red hair", add_special_tokens=False).input_ids
+    initial = tiny_base.text_encoder.get_input_embeddings().weight[tokens].detach()
+    assert torch.equal(fit(0.0, "fixed"), initial)  # at rate 0 the word keeps its start
+    assert not torch.equal(fit(None, "run_rate"), initial)  # at the run's rate it moves
+    # The groups: the adapter at the run's rate, the word at its own.
+    base = copy.deepcopy(tiny_base)
+    subject = SubjectConfig(token="<me>", class_name="face")
+    image = Image.new("RGB", (32, 32), (190, 90, 40))
+    data = prepare_subject(base, subject, [image], torch.device("cpu"), tmp_path / "g", False)
+    method = make_method(
+        "lora", base, subject, data, AdapterConfig(rank=2, text_encoder_targets=()), False,
+        TextualInversionConfig(), pivotal=True, word_learning_rate=1e-4,
+    )  # fmt: skip
+    groups = param_groups(method.trainable(), 0.05, method.learning_rates)
+    assert [g["lr"] for g in groups] == [0.05, 1e-4]
+    assert groups[1]["params"] == [method.word.vectors]
+    assert len(groups[0]["params"]) == len(method.trainable()) - 1
+    with pytest.raises(HyperboothError, match="--word-lr is for --pivotal"):
+        make_method("lora", base, subject, data, word_learning_rate=1e-4)

@@ -261,6 +261,7 @@ def cmd_train(args: argparse.Namespace) -> None:
             pivotal=args.pivotal,
             word_steps=args.word_steps,
             masks=masks,
+            word_learning_rate=args.word_lr,
         )
         prompts = list(subject.instance_prompts or [subject.prompt])
     summary = {
@@ -958,6 +959,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="--pivotal: the word trains alone for this many of --steps first, then stays fixed "
         "while the adapter trains (default 0: both all along)",
+    )
+    g.add_argument(
+        "--word-lr",
+        type=float,
+        default=None,
+        help="--pivotal: the word's own learning rate (default: --lr). A word started from a "
+        "long description needs a low one (e.g. 0.1x --lr), or it learns the photo's context",
     )
     g.add_argument(
         "--templates",

@@ -67,7 +67,11 @@ class StepBatch:
 
 
 class Method(Protocol):
-    """A personalisation method: what trains, its loss for a batch, and how it is saved."""
+    """A personalisation method: what trains, its loss for a batch, and how it is saved.
+
+    A method may also have `learning_rates`: {trainable name: its own rate} (the rest train at
+    the run's rate).
+    """
 
     name: str
     default_learning_rate: float
@@ -80,6 +84,17 @@ class Method(Protocol):
 
     def save(self, out_dir: Path) -> Path:
         """Write the result into out_dir and return the main file or folder."""
+
+
+def param_groups(
+    trainable: dict[str, torch.nn.Parameter], lr: float, overrides: dict[str, float]
+) -> list[dict]:
+    """Optimizer groups: every tensor at lr, except those named in overrides at their own rate."""
+    rates = [overrides.get(name, lr) for name in trainable]
+    groups = {rate: [] for rate in [lr, *rates]}
+    for tensor, rate in zip(trainable.values(), rates, strict=True):
+        groups[rate].append(tensor)
+    return [{"params": tensors, "lr": rate} for rate, tensors in groups.items() if tensors]
 
 
 def step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
@@ -134,8 +149,12 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 CHECKPOINT_DIR = "checkpoint"
 
 
-def make_adamw(params: list[torch.Tensor], lr: float, weight_decay: float) -> torch.optim.AdamW:
+def make_adamw(
+    params: list[torch.Tensor] | list[dict], lr: float, weight_decay: float
+) -> torch.optim.AdamW:
     """AdamW in its fastest form for these tensors: fused on CPU and CUDA, else foreach or loop.
+
+    params may be torch's parameter groups ({"params": [...], "lr": ...}) instead of tensors.
 
     Measured here (2 cores, float32; benchmarks/adamw_step.py, two runs): one step over SD1.5's
     UNet (860M numbers) takes 0.66-0.71 s fused, 3.1-3.7 s foreach and 4.3-4.4 s as torch's CPU
@@ -144,9 +163,10 @@ def make_adamw(params: list[torch.Tensor], lr: float, weight_decay: float) -> to
     cannot afford those).
     """
     floats = (torch.float32, torch.float16, torch.bfloat16)
-    if all(p.device.type in ("cpu", "cuda") and p.dtype in floats for p in params):
+    tensors = [t for p in params for t in (p["params"] if isinstance(p, dict) else [p])]
+    if all(p.device.type in ("cpu", "cuda") and p.dtype in floats for p in tensors):
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
-    foreach = sum(p.numel() for p in params) < FOREACH_MAX_NUMBERS
+    foreach = sum(p.numel() for p in tensors) < FOREACH_MAX_NUMBERS
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=foreach)
 
 
@@ -270,7 +290,9 @@ def train(
     trainable = method.trainable()
     params = list(trainable.values())
     lr = config.learning_rate if config.learning_rate is not None else method.default_learning_rate
-    optimizer = make_adamw(params, lr, config.weight_decay)
+    optimizer = make_adamw(
+        param_groups(trainable, lr, getattr(method, "learning_rates", {})), lr, config.weight_decay
+    )
     precision = resolve_precision(accelerator.device, config.mixed_precision)
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     # Settings a resumed run must share; steps and checkpoint cadence may change (to extend a run).

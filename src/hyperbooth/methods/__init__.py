@@ -35,11 +35,13 @@ def make_method(
     textual_inversion: TextualInversionConfig | None = None,
     pivotal: bool = False,
     word_steps: int = 0,
+    word_learning_rate: float | None = None,
 ) -> SubjectMethod:
     """Build a method by name; adapter/text-encoder settings apply to the methods that use them.
 
     pivotal (lora, lidb): a new word (textual_inversion's settings) trains beside the adapter;
-    word_steps > 0: alone for those first steps, then fixed while the adapter trains.
+    word_steps > 0: alone for those first steps, then fixed while the adapter trains;
+    word_learning_rate: the word's own rate (None: the run's).
     """
     if pivotal and name not in ("lora", "lidb"):
         raise HyperboothError(f"--pivotal is for lora and lidb, not {name}")
@@ -51,7 +53,7 @@ def make_method(
         adapter = replace(adapter or AdapterConfig(), kind=name)
         te = True if train_text_encoder is None else train_text_encoder
         word = (textual_inversion or TextualInversionConfig()) if pivotal else None
-        config = AdapterMethodConfig(adapter, te, word, word_steps)
+        config = AdapterMethodConfig(adapter, te, word, word_steps, word_learning_rate)
         return AdapterDreamBooth(base, subject, data, config)
     raise ValueError(f"unknown method {name!r}; choose from {METHODS}")
 
@@ -72,6 +74,7 @@ def personalise(
     pivotal: bool = False,
     word_steps: int = 0,
     masks: list | None = None,
+    word_learning_rate: float | None = None,
 ) -> TrainResult:
     """Fit one subject with one method and save the result into out_dir.
 
@@ -106,6 +109,7 @@ def personalise(
         textual_inversion,
         pivotal,
         word_steps,
+        word_learning_rate,
     )
     run_info = {"subject": asdict(subject), "method_config": _jsonable(runner)}
     return train(runner, train_config, out_dir, accelerator, resume, run_info, progress)
@@ -158,7 +162,10 @@ def _jsonable(runner: SubjectMethod) -> dict:
         plain = {"adapter": asdict(config.adapter), "train_text_encoder": config.train_text_encoder}
         if config.new_word is None:
             return plain
-        return plain | {"new_word": asdict(config.new_word), "word_steps": config.word_steps}
+        word = {"new_word": asdict(config.new_word), "word_steps": config.word_steps}
+        if config.word_learning_rate is not None:  # older checkpoints have no key for it
+            word["word_learning_rate"] = config.word_learning_rate
+        return plain | word
     return asdict(config)
 
 

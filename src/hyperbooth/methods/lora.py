@@ -40,6 +40,7 @@ class AdapterMethodConfig:
     train_text_encoder: bool = True
     new_word: TextualInversionConfig | None = None  # pivotal tuning: the token is a new word
     word_steps: int = 0  # pivotal: the word trains alone for these first steps, then stays fixed
+    word_learning_rate: float | None = None  # pivotal: the word's own rate (None: the run's)
 
     def effective_adapter(self) -> AdapterConfig:
         """The adapter config actually injected."""
@@ -63,6 +64,10 @@ class AdapterDreamBooth(SubjectMethod):
         self.step = 0
         if config.word_steps and config.new_word is None:
             raise HyperboothError("--word-steps is for --pivotal (a new word to train first)")
+        if config.word_learning_rate is not None and config.new_word is None:
+            raise HyperboothError("--word-lr is for --pivotal (the new word's own learning rate)")
+        if config.word_learning_rate is not None and config.word_learning_rate < 0:
+            raise HyperboothError(f"--word-lr must be >= 0, got {config.word_learning_rate}")
         if config.new_word is not None:
             if config.train_text_encoder and config.adapter.text_encoder_targets:
                 raise HyperboothError(
@@ -78,6 +83,13 @@ class AdapterDreamBooth(SubjectMethod):
         if self.word is not None:
             tensors |= self.word.trainable()
         return tensors
+
+    @property
+    def learning_rates(self) -> dict[str, float]:
+        """The new word's own learning rate, when it has one."""
+        if self.word is None or self.config.word_learning_rate is None:
+            return {}
+        return dict.fromkeys(self.word.trainable(), self.config.word_learning_rate)
 
     def word_phase(self) -> bool:
         """Whether the current step trains the new word alone (pivotal, first word_steps steps)."""

@@ -314,6 +314,7 @@ class PersonalisationConfig:
     # textual-inversion, --pivotal: the word starts from the reference's nameable traits in words
     # ("square face with short gray hair, green eyes, ..."), as a user would describe a subject.
     describe_subject: bool = False
+    word_learning_rate: float | None = None  # pivotal: the word's own rate (None: the run's)
     # The loss weighs the reference's face features (render.feature_map, what a face parser
     # would mark) 1 + mask_weight times the rest; 0: uniform.
     mask_weight: float = 0.0
@@ -526,6 +527,7 @@ def personalisation(
                     custom_diffusion=CustomDiffusionConfig(seed=config.seed),
                     pivotal=config.pivotal,
                     word_steps=config.word_steps,
+                    word_learning_rate=config.word_learning_rate,
                     masks=[feature_map(REFERENCE_CONTEXT, config.seed + index)]
                     if config.mask_weight
                     else None,
@@ -914,6 +916,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         "reference's nameable traits in words (one vector per token)",
     )
     parser.add_argument(
+        "--word-learning-rate",
+        type=float,
+        default=None,
+        help="personalisation, --pivotal: the word's own learning rate (default: the run's)",
+    )
+    parser.add_argument(
         "--pivotal",
         action="store_true",
         help="personalisation, lora and lidb: a new word trains beside the adapter",
@@ -1017,6 +1025,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             describe_reference=args.describe_reference,
             pivotal=args.pivotal,
             describe_subject=args.describe_subject,
+            word_learning_rate=args.word_learning_rate,
             word_steps=args.word_steps,
             mask_weight=args.mask_weight,
             also_guidance=tuple(args.also_guidance),
