@@ -202,26 +202,32 @@ def test_pivotal_needs_a_new_word_a_frozen_text_encoder_and_an_adapter_method(tm
     assert not (tmp_path / "run" / "adapter.safetensors").exists()
 
 
+def _pivotal_fit(base, out, steps: int, **options) -> None:
+    """A 2-rank pivotal LoRA on one flat image, the UNet only, at lr 0.05."""
+    from hyperbooth.adapters.config import AdapterConfig
+
+    personalise(
+        copy.deepcopy(base),
+        [Image.new("RGB", (32, 32), (190, 90, 40))],
+        out,
+        "lora",
+        SubjectConfig(token="<me>", class_name="face"),
+        AdapterConfig(rank=2, text_encoder_targets=()),
+        TrainConfig(steps=steps, learning_rate=0.05, device="cpu"),
+        train_text_encoder=False,
+        progress=False,
+        pivotal=True,
+        **options,
+    )
+
+
 def test_pivotal_word_steps_train_the_word_first_then_the_adapter_with_the_word_fixed(
     tiny_base, tmp_path
 ):
-    from hyperbooth.adapters.config import AdapterConfig
     from hyperbooth.adapters.files import read_adapter
 
     def fit(steps: int, out: str):
-        personalise(
-            copy.deepcopy(tiny_base),
-            [Image.new("RGB", (32, 32), (190, 90, 40))],
-            tmp_path / out,
-            "lora",
-            SubjectConfig(token="<me>", class_name="face"),
-            AdapterConfig(rank=2, text_encoder_targets=()),
-            TrainConfig(steps=steps, learning_rate=0.05, device="cpu"),
-            train_text_encoder=False,
-            progress=False,
-            pivotal=True,
-            word_steps=2,
-        )
+        _pivotal_fit(tiny_base, tmp_path / out, steps, word_steps=2)
         word = load_file(str(tmp_path / out / LEARNED_EMBEDS))["<me>"]
         tensors = read_adapter(tmp_path / out / "adapter.safetensors").tensors.values()
         return word, [v for v in tensors if not v.abs().sum() > 0]  # LoRA's up starts at zero
@@ -243,19 +249,9 @@ def test_the_pivotal_word_trains_at_its_own_learning_rate(tiny_base, tmp_path):
     from hyperbooth.training import param_groups
 
     def fit(word_lr: float | None, out: str) -> torch.Tensor:
-        personalise(
-            copy.deepcopy(tiny_base),
-            [Image.new("RGB", (32, 32), (190, 90, 40))],
-            tmp_path / out,
-            "lora",
-            SubjectConfig(token="<me>", class_name="face"),
-            AdapterConfig(rank=2, text_encoder_targets=()),
-            TrainConfig(steps=2, learning_rate=0.05, device="cpu"),
-            train_text_encoder=False,
-            progress=False,
-            pivotal=True,
-            textual_inversion=TextualInversionConfig("face with red hair"),
-            word_learning_rate=word_lr,
+        phrase = TextualInversionConfig("face with red hair")
+        _pivotal_fit(
+            tiny_base, tmp_path / out, 2, textual_inversion=phrase, word_learning_rate=word_lr
         )
         return load_file(str(tmp_path / out / LEARNED_EMBEDS))["<me>"]
 
