@@ -318,12 +318,20 @@ def test_describe_subject_starts_the_new_word_from_the_reference_traits(toy_worl
     monkeypatch.setattr(evaluate, "generate_images", lambda *a, **k: [])
     monkeypatch.setattr(methods, "personalise", record)
     config = PersonalisationConfig(
-        method="lora", identities=1, pivotal=True, describe_subject=True, train_text_encoder=False
+        method="lora",
+        identities=1,
+        pivotal=True,
+        describe_subject=("face_shape",),
+        train_text_encoder=False,
     )
     with pytest.raises(KeyboardInterrupt):
         personalisation(base, judge, config, progress=False)
-    assert seen == [("a <sks> face", phrase)]
+    assert seen == [("a <sks> face", f"{phrase.split()[0]} face")]  # the face shape alone
+    colours = subject_description(identity, ("hair_colour", "eye_colour"))
+    assert colours.startswith("face with ") and "glasses" not in colours
+    with pytest.raises(HyperboothError, match="'nose' is not a nameable trait"):
+        subject_description(identity, ("nose",))
     with pytest.raises(HyperboothError, match="--describe-subject"):
         personalisation(
-            base, judge, PersonalisationConfig(method="lora", describe_subject=True), False
+            base, judge, PersonalisationConfig(method="lora", describe_subject=("glasses",)), False
         )

@@ -312,8 +312,9 @@ class PersonalisationConfig:
     pivotal: bool = False
     word_steps: int = 0  # pivotal: the word alone first for this many of `steps`
     # textual-inversion, --pivotal: the word starts from the reference's nameable traits in words
-    # ("square face with short gray hair, green eyes, ..."), as a user would describe a subject.
-    describe_subject: bool = False
+    # ("square face with short gray hair, green eyes, ..."), as a user would describe a subject;
+    # these traits (empty: off).
+    describe_subject: tuple[str, ...] = ()
     word_learning_rate: float | None = None  # pivotal: the word's own rate (None: the run's)
     # The loss weighs the reference's face features (render.feature_map, what a face parser
     # would mark) 1 + mask_weight times the rest; 0: uniform.
@@ -386,11 +387,17 @@ def mean_scores(by_prompt: Sequence[dict[str, float]]) -> dict[str, float]:
     return {key: float(np.mean([row[key] for row in by_prompt])) for key in SCORES}
 
 
-def subject_description(identity: Identity) -> str:
+def subject_description(identity: Identity, names: Sequence[str] = tuple(NAMEABLE_TRAITS)) -> str:
     """The identity's nameable traits in words, without an article: 'round face with red hair'."""
-    traits = {name: getattr(identity, name) for name in NAMEABLE_TRAITS}
+    unknown = sorted(set(names) - set(NAMEABLE_TRAITS))
+    if unknown:
+        raise HyperboothError(
+            f"--describe-subject {unknown[0]!r} is not a nameable trait; choose from "
+            f"{', '.join(NAMEABLE_TRAITS)}"
+        )
+    traits = {name: getattr(identity, name) for name in names}
     if NAMEABLE_TRAITS["hair_style"][identity.hair_style] == "bald":
-        del traits["hair_colour"]  # a bald face shows it only in the eyebrows, never named
+        traits.pop("hair_colour", None)  # a bald face shows it only in the eyebrows, never named
     return prompt_for({}, traits).split(" ", 1)[1]
 
 
@@ -520,7 +527,7 @@ def personalisation(
                     progress=False,
                     train_text_encoder=config.train_text_encoder,
                     textual_inversion=TextualInversionConfig(
-                        initializer=subject_description(identity)
+                        initializer=subject_description(identity, config.describe_subject)
                         if config.describe_subject
                         else "face"
                     ),
@@ -842,6 +849,13 @@ def two_concepts(
     }
 
 
+def _described_traits(given: list[str] | None) -> tuple[str, ...]:
+    """--describe-subject's traits: none given means every nameable trait; absent means off."""
+    if given is None:
+        return ()
+    return tuple(given) or tuple(NAMEABLE_TRAITS)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Run one measurement on a base (default `mini`) and write its JSON."""
     parser = argparse.ArgumentParser(
@@ -911,9 +925,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument(
         "--describe-subject",
-        action="store_true",
+        nargs="*",
+        metavar="TRAIT",
+        default=None,
         help="personalisation, textual-inversion and --pivotal: the new word starts from the "
-        "reference's nameable traits in words (one vector per token)",
+        "reference's nameable traits in words, one vector per token (these traits; none "
+        f"given: all of {', '.join(NAMEABLE_TRAITS)})",
     )
     parser.add_argument(
         "--word-learning-rate",
@@ -1024,7 +1041,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             rescale_copies=args.rescale,
             describe_reference=args.describe_reference,
             pivotal=args.pivotal,
-            describe_subject=args.describe_subject,
+            describe_subject=_described_traits(args.describe_subject),
             word_learning_rate=args.word_learning_rate,
             word_steps=args.word_steps,
             mask_weight=args.mask_weight,
