@@ -354,6 +354,24 @@ def test_masks_weigh_the_loss_on_the_subject_region(tiny_base, tmp_path):
                         torch.device("cpu"), tmp_path, False, masks=[mask])  # fmt: skip
 
 
+def test_masks_weigh_a_new_word_too_but_not_with_templates(tiny_base, tmp_path):
+    import numpy as np
+
+    from hyperbooth.methods import TextualInversionConfig
+
+    mask = np.ones((32, 32), dtype=np.float32)
+    subject = SubjectConfig(token="<me>", mask_weight=3.0)
+    train = TrainConfig(steps=1, learning_rate=0.01, device="cpu")
+    result = personalise(copy.deepcopy(tiny_base), _images(1), tmp_path / "lora", "lora", subject,
+                         SMALL_LIDB, train, train_text_encoder=False, progress=False,
+                         pivotal=True, masks=[mask])  # fmt: skip
+    assert (result.output.parent / "learned_embeds.safetensors").is_file()
+    with pytest.raises(HyperboothError, match="--templates"):
+        personalise(copy.deepcopy(tiny_base), _images(1), tmp_path / "ti", "textual-inversion",
+                    subject, train_config=train, progress=False, masks=[mask],
+                    textual_inversion=TextualInversionConfig(templates=("a {} face",)))  # fmt: skip
+
+
 def test_train_masks_reads_one_mask_per_image_by_name(tmp_path, capsys):
     import json
 

@@ -158,11 +158,16 @@ class TextualInversion(SubjectMethod):
     ):
         super().__init__(base, subject, data)
         self.config = config
-        if data.instance_mask is not None:
+        if subject.rescale_copies or subject.instance_prompts is not None:
             raise HyperboothError(
                 "a new word (textual-inversion, --pivotal) takes no --rescale or --captions (its "
                 "prompts are rewritten per word, so the images would lose their own words); drop "
                 "them"
+            )
+        if data.instance_mask is not None and config.templates:
+            raise HyperboothError(
+                "--masks weigh each photo under its own prompt, --templates draw a prompt per "
+                "sample; drop one of them"
             )
         initial = initial_tokens(base, config)
         self.token_ids = torch.tensor(add_new_token(base, subject.token, len(initial)))
