@@ -68,6 +68,11 @@ class SubjectConfig:
         """The instance prompt."""
         return self.instance_prompt or f"a {self.token} {self.class_name}"
 
+    @property
+    def per_image_prompts(self) -> bool:
+        """Whether each training image has a prompt of its own (--captions, --rescale copies)."""
+        return bool(self.rescale_copies) or self.instance_prompts is not None
+
     def image_prompts(self, count: int) -> list[str]:
         """The prompt of each of count training images."""
         if self.instance_prompts is None:
@@ -231,7 +236,7 @@ def prepare_subject(
         weights = loss_weights(masks, len(images), subject, base.vae_scale_factor)
     check_max_timestep(subject.max_timestep, base.scheduler.config.num_train_timesteps)
     prompts = subject.prompt
-    if subject.rescale_copies or subject.instance_prompts is not None:  # each its own prompt
+    if subject.per_image_prompts:
         images, copy_masks, prompts = rescaled_copies(
             images,
             subject.image_prompts(len(images)),

@@ -158,7 +158,7 @@ class TextualInversion(SubjectMethod):
     ):
         super().__init__(base, subject, data)
         self.config = config
-        if subject.rescale_copies or subject.instance_prompts is not None:
+        if subject.per_image_prompts:
             raise HyperboothError(
                 "a new word (textual-inversion, --pivotal) takes no --rescale or --captions (its "
                 "prompts are rewritten per word, so the images would lose their own words); drop "

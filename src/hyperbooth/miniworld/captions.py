@@ -170,14 +170,20 @@ def prompt_for(
     return text
 
 
+def nameable(attributes: dict[str, int]) -> dict[str, int]:
+    """The attributes a caption may name: all but a bald face's hair colour (its eyebrows show it)."""
+    if attributes.get("hair_style") != _BALD:
+        return dict(attributes)
+    return {name: value for name, value in attributes.items() if name != "hair_colour"}
+
+
 def _chosen(
     attributes: dict[str, int], rng: np.random.Generator, probability: float
 ) -> dict[str, int]:
     """Each attribute kept with the probability (hair colour never for a bald face)."""
     kept = {name: value for name, value in attributes.items() if rng.random() < probability}
-    if attributes.get("hair_style") == _BALD:
-        kept.pop("hair_colour", None)
-    return kept
+    allowed = nameable(attributes)
+    return {name: value for name, value in kept.items() if name in allowed}
 
 
 def _describe(traits: dict[str, int], rng: np.random.Generator) -> str:

@@ -42,6 +42,7 @@ from hyperbooth.machine import machine_info
 from hyperbooth.methods import NEW_WORD_METHODS
 from hyperbooth.miniworld.captions import (
     caption,
+    nameable,
     pair_caption,
     prompt_for,
     sample_training_example,
@@ -395,10 +396,9 @@ def subject_description(identity: Identity, names: Sequence[str] = tuple(NAMEABL
             f"--describe-subject {unknown[0]!r} is not a nameable trait; choose from "
             f"{', '.join(NAMEABLE_TRAITS)}"
         )
-    traits = {name: getattr(identity, name) for name in names}
-    if NAMEABLE_TRAITS["hair_style"][identity.hair_style] == "bald":
-        traits.pop("hair_colour", None)  # a bald face shows it only in the eyebrows, never named
-    return prompt_for({}, traits).split(" ", 1)[1]
+    traits = {name: getattr(identity, name) for name in (*names, "hair_style")}
+    named = {name: value for name, value in nameable(traits).items() if name in names}
+    return prompt_for({}, named).split(" ", 1)[1]
 
 
 def _instance_prompt(config: PersonalisationConfig) -> str | None:
