@@ -185,3 +185,52 @@ def test_a_hypernetwork_for_another_base_is_a_one_line_error(tiny_base, tmp_path
     with pytest.raises(HyperboothError, match=f"another base .*{first}"):
         personalize(tiny_base, hypernet, image, tmp_path / "s.safetensors", PersonalizeConfig())
     assert not (tmp_path / "s.safetensors").exists()
+
+
+def _relaxed(base, tmp_path, name, mask=None, weight=0.0):
+    """The relaxed LoRA's tensors after 3 fine-tune steps from zero, with an optional mask."""
+    config = PersonalizeConfig(use_hypernet=False, steps=3, rank=2, mask_weight=weight)
+    out = tmp_path / f"{name}.safetensors"
+    personalize(copy.deepcopy(base), None, _image(), out, config, False, mask=mask)
+    return read_adapter_parts(out)["relaxed"].tensors
+
+
+def test_a_mask_weighs_the_fine_tunes_loss(tiny_base, tmp_path):
+    import numpy as np
+
+    plain = _relaxed(tiny_base, tmp_path, "plain")
+    # The weighted loss is normalised by the weights: a mask over everything changes nothing.
+    everywhere = _relaxed(tiny_base, tmp_path, "all", np.ones((32, 32), np.float32), 3.0)
+    left = np.zeros((32, 32), np.float32)
+    left[:, :16] = 1
+    half = _relaxed(tiny_base, tmp_path, "half", left, 3.0)
+    assert plain.keys() == everywhere.keys() == half.keys()
+    for key in plain:
+        torch.testing.assert_close(everywhere[key], plain[key], atol=1e-6, rtol=1e-5)
+    assert any(not torch.allclose(half[key], plain[key], atol=1e-4) for key in plain)
+    with pytest.raises(HyperboothError, match="--mask and --mask-weight go together"):
+        _relaxed(tiny_base, tmp_path, "no_weight", left, 0.0)
+
+
+def test_personalize_mask_flags_are_checked(tiny_base, tmp_path, capsys):
+    _image().save(tmp_path / "me.png")
+    Image.new("L", (32, 32), 255).save(tmp_path / "mask.png")
+    Image.new("L", (16, 16), 255).save(tmp_path / "small.png")
+    out = tmp_path / "me.safetensors"
+    args = ["personalize", "--base", "tiny-random", "--device", "cpu", "--no-hypernet"]
+    args += ["--image", str(tmp_path / "me.png"), "--out", str(out), "--steps", "1"]
+    for extra, message in [
+        (["--mask-weight", "2"], "pass --mask FILE too"),
+        (["--mask", str(tmp_path / "none.png")], "is not a file"),
+        (["--mask", str(tmp_path / "small.png")], "a mask must match its image"),
+        (["--mask", str(tmp_path / "mask.png"), "--mask-weight", "-1"], "must be >= 0"),
+    ]:
+        assert cli(args + extra) == 2
+        error = capsys.readouterr().err
+        assert error.count("\n") == 1 and message in error, error
+        assert not out.exists()
+    hyper_only = ["--hypernet", "mini", "--hypernet-only", "--mask", str(tmp_path / "mask.png")]
+    assert cli([a for a in args if a != "--no-hypernet"] + hyper_only) == 2
+    assert "--hypernet-only has none" in capsys.readouterr().err
+    assert cli(args + ["--mask", str(tmp_path / "mask.png"), "--json"]) == 0
+    assert read_adapter_parts(out)["relaxed"].info["settings"]["mask_weight"] == 3.0

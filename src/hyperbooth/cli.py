@@ -9,10 +9,13 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hyperbooth.atomic import read_lines, stored_bytes
 from hyperbooth.errors import HyperboothError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -288,10 +291,7 @@ def _mask_weight(args: argparse.Namespace) -> float:
 
 def _image_masks(args: argparse.Namespace, resolution: int) -> list:
     """For --masks: DIR/<stem>.<any image suffix> per --images file, cropped as the image is."""
-    import numpy as np
-    from PIL import Image
-
-    from hyperbooth.images import IMAGE_SUFFIXES, collect_images, load_image
+    from hyperbooth.images import IMAGE_SUFFIXES, collect_images
 
     folder = Path(args.masks)
     if not folder.is_dir():
@@ -302,15 +302,25 @@ def _image_masks(args: argparse.Namespace, resolution: int) -> list:
         found = [candidate for candidate in found if candidate.is_file()]
         if not found:
             raise HyperboothError(f"--masks: no mask for {path.name} in {folder} ({path.stem}.png)")
-        with Image.open(path) as image, Image.open(found[0]) as mask:
-            if image.size != mask.size:
-                raise HyperboothError(
-                    f"--masks: {found[0].name} is {mask.size[0]}x{mask.size[1]} but {path.name} "
-                    f"is {image.size[0]}x{image.size[1]}; a mask must match its image"
-                )
-        grey = load_image(found[0], resolution).convert("L")
-        masks.append(np.asarray(grey, dtype=np.float32) / 255.0)
+        masks.append(_load_mask(found[0], path, resolution, "--masks"))
     return masks
+
+
+def _load_mask(mask: Path, image: Path, resolution: int, flag: str) -> np.ndarray:
+    """A subject mask (H, W) in [0, 1], cropped and resized as its image is."""
+    import numpy as np
+    from PIL import Image
+
+    from hyperbooth.images import load_image
+
+    with Image.open(image) as picture, Image.open(mask) as drawn:
+        if picture.size != drawn.size:
+            raise HyperboothError(
+                f"{flag}: {mask.name} is {drawn.size[0]}x{drawn.size[1]} but {image.name} "
+                f"is {picture.size[0]}x{picture.size[1]}; a mask must match its image"
+            )
+    grey = load_image(mask, resolution).convert("L")
+    return np.asarray(grey, dtype=np.float32) / 255.0
 
 
 def _image_captions(args: argparse.Namespace) -> tuple[str, ...]:
@@ -747,6 +757,7 @@ def cmd_personalize(args: argparse.Namespace) -> None:
         unet_targets=args.unet_targets,
         text_encoder_targets=() if args.no_text_encoder else None,
         max_timestep=args.max_timestep,
+        mask_weight=_personalize_mask_weight(args),
     )
     started = time.perf_counter()
     device = make_accelerator(TrainConfig(device=args.device)).device
@@ -757,8 +768,13 @@ def cmd_personalize(args: argparse.Namespace) -> None:
             raise HyperboothError("pass --hypernet FOLDER (or --no-hypernet)")
         hypernet = load_hypernet(args.hypernet)
     image = load_image(args.image, base.resolution)
+    mask = None
+    if args.mask:
+        if not Path(args.mask).is_file():
+            raise HyperboothError(f"--mask {args.mask} is not a file (white on the subject)")
+        mask = _load_mask(Path(args.mask), Path(args.image), base.resolution, "--mask")
     loaded = time.perf_counter() - started
-    result = personalize(base, hypernet, image, args.out, config)
+    result = personalize(base, hypernet, image, args.out, config, mask=mask)
     seconds = {"load": loaded, **result.seconds}
     summary = {
         "output": str(result.output),
@@ -768,6 +784,15 @@ def cmd_personalize(args: argparse.Namespace) -> None:
         "total_seconds": round(sum(seconds.values()), 3),
     }
     print(json.dumps(summary, indent=2) if args.json else _lines(summary))
+
+
+def _personalize_mask_weight(args: argparse.Namespace) -> float:
+    """personalize --mask-weight: 3 with --mask by default; an error without it."""
+    if args.mask_weight is not None and not args.mask:
+        raise HyperboothError("--mask-weight weighs the --mask region; pass --mask FILE too")
+    if args.mask and args.hypernet_only:
+        raise HyperboothError("--mask weighs the fine-tune's loss; --hypernet-only has none")
+    return 0.0 if not args.mask else 3.0 if args.mask_weight is None else args.mask_weight
 
 
 def cmd_rare_tokens(args: argparse.Namespace) -> None:
@@ -1323,6 +1348,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="the fine-tune's prompt, with the token (default 'a {token} {class}'); naming the "
         "photo's background and style leaves the subject to the adapter",
+    )
+    p.add_argument(
+        "--mask",
+        default=None,
+        help="a mask of --image, white on the subject (e.g. from a face parser); the fine-tune's "
+        "loss weighs it 1 + --mask-weight times the rest",
+    )
+    p.add_argument(
+        "--mask-weight",
+        type=float,
+        default=None,
+        help="with --mask: the subject's extra loss weight (default 3)",
     )
     p.add_argument("--seed", type=int, default=0)
     _precision_flag(p)

@@ -12,7 +12,9 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -23,6 +25,9 @@ from hyperbooth.errors import HyperboothError
 from hyperbooth.hypernet.model import HyperNetwork
 from hyperbooth.images import to_tensor
 from hyperbooth.training import TrainConfig, make_accelerator, train
+
+if TYPE_CHECKING:
+    from hyperbooth.methods import SubjectConfig
 
 PREDICTION, RELAXED = "prediction", "relaxed"
 
@@ -49,16 +54,30 @@ class PersonalizeConfig:
     unet_targets: tuple[str, ...] | None = None
     text_encoder_targets: tuple[str, ...] | None = None
     max_timestep: int | None = None  # the fine-tune sees only timesteps below this (None: all)
+    # With a mask of the subject (personalize's `mask`), the fine-tune's loss weighs it
+    # 1 + mask_weight times the rest of the picture; 0: a uniform loss.
+    mask_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if not (self.use_hypernet or self.fine_tune):
             raise HyperboothError("--no-hypernet and --hypernet-only together leave nothing to do")
         if self.rank < 1 or self.steps < 1:
             raise HyperboothError("--rank and --steps must be >= 1")
+        # A --prompt without the token, or a negative --mask-weight, fails here, before anything
+        # loads.
+        self.subject()
+
+    def subject(self) -> SubjectConfig:
+        """The fast fine-tune's subject settings: token, class, prompt, timesteps, mask weight."""
         from hyperbooth.methods import SubjectConfig
 
-        # A --prompt without the token fails here, before anything loads.
-        SubjectConfig(token=self.token, class_name=self.class_name, instance_prompt=self.prompt)
+        return SubjectConfig(
+            token=self.token,
+            class_name=self.class_name,
+            instance_prompt=self.prompt,
+            max_timestep=self.max_timestep,
+            mask_weight=self.mask_weight,
+        )
 
 
 @dataclass
@@ -101,23 +120,29 @@ def personalize(
     out: str | Path,
     config: PersonalizeConfig,
     progress: bool = True,
+    mask: np.ndarray | None = None,
 ) -> PersonalizeResult:
-    """One image -> one adapter file; the base is left with the adapters in place (unmerged)."""
-    from hyperbooth.methods import SubjectConfig, make_method, prepare_subject
+    """One image -> one adapter file; the base is left with the adapters in place (unmerged).
+
+    mask: (H, W) in [0, 1], white on the subject, sized like the image as the base sees it;
+    the fine-tune's loss weighs it 1 + config.mask_weight times the rest.
+    """
+    from hyperbooth.methods import make_method, prepare_subject
 
     out = Path(out)
     if out.suffix != ".safetensors":
         raise HyperboothError(f"--out must be a .safetensors file, got {out}")
     if config.use_hypernet and hypernet is None:
         raise HyperboothError("pass --hypernet (or --no-hypernet to fine-tune from the base alone)")
+    if (mask is None) != (config.mask_weight == 0):
+        raise HyperboothError(
+            "--mask and --mask-weight go together: a mask of the subject and its weight (> 0)"
+        )
+    if mask is not None and not config.fine_tune:
+        raise HyperboothError("--mask weighs the fine-tune's loss; --hypernet-only has none")
     seconds: dict[str, float] = {}
     parts: dict[str, tuple[Adapter, dict]] = {}
-    subject = SubjectConfig(
-        token=config.token,
-        class_name=config.class_name,
-        instance_prompt=config.prompt,
-        max_timestep=config.max_timestep,
-    )
+    subject = config.subject()
     info = {"method": "hyperdreambooth", "prompt": subject.prompt, "settings": asdict(config)}
     prediction = None
     if config.use_hypernet:
@@ -136,7 +161,8 @@ def personalize(
             device=config.device,
         )
         accelerator = make_accelerator(train_config)
-        data = prepare_subject(base, subject, [image], accelerator.device, out.parent, False)
+        masks = None if mask is None else [mask]
+        data = prepare_subject(base, subject, [image], accelerator.device, out.parent, False, masks)
         lora = replace(
             hypernet.config.adapter if hypernet is not None else AdapterConfig(),
             kind="lora",

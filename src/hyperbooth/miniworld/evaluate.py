@@ -432,6 +432,7 @@ def _fast_path(config: PersonalisationConfig) -> tuple[object, object]:
         unet_targets=config.unet_targets,
         text_encoder_targets=() if config.train_text_encoder is False else None,
         max_timestep=config.max_timestep,
+        mask_weight=config.mask_weight,
     )
     return hypernet, fast
 
@@ -494,11 +495,15 @@ def personalisation(
         reference = render(identity, REFERENCE_CONTEXT, config.seed + index)
         subject = copy.deepcopy(base)
         stages = None
+        # --mask-weight: the loss weighs the reference's face region (its feature map)
+        face_mask = (
+            feature_map(REFERENCE_CONTEXT, config.seed + index) if config.mask_weight else None
+        )
         with tempfile.TemporaryDirectory() as out:
             if config.method == "hyperdreambooth":
                 fitted = personalize(
                     subject, hypernet, reference, Path(out) / "subject.safetensors",
-                    fast, progress=False,
+                    fast, progress=False, mask=face_mask,
                 )  # fmt: skip
                 stages, stored = fitted.seconds, fitted.bytes
                 fit_seconds = sum(v for k, v in stages.items() if k != "save")
@@ -535,9 +540,7 @@ def personalisation(
                     pivotal=config.pivotal,
                     word_steps=config.word_steps,
                     word_learning_rate=config.word_learning_rate,
-                    masks=[feature_map(REFERENCE_CONTEXT, config.seed + index)]
-                    if config.mask_weight
-                    else None,
+                    masks=None if face_mask is None else [face_mask],
                 )
                 stored, fit_seconds = stored_bytes(result.output), result.seconds
         started = time.perf_counter()
