@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from hyperbooth.bases import load_base
 from hyperbooth.errors import HyperboothError
@@ -211,12 +212,27 @@ def test_hyperdreambooth_and_its_ablations_are_measured_like_the_other_methods(t
 
 
 def test_the_demo_runs_hyperdreambooth_with_the_shipped_hypernetwork_on_mini(tmp_path):
+    from hyperbooth.adapters.files import read_adapter_parts
     from hyperbooth.demo import run_demo
 
     report = run_demo(tmp_path, steps=2, images_per_prompt=1, sampling_steps=2)
     assert report["method"] == "hyperdreambooth" and report["steps"] == 2
     assert {"load", "predict", "fine_tune", "generate"} <= set(report["seconds"])
     assert report["adapter_bytes"] > 0 and 0 <= report["scores"]["identity"] <= 1
+    relaxed = read_adapter_parts(report["adapter_file"])["relaxed"]
+    assert relaxed.info["settings"]["mask_weight"] == 3.0  # the face-weighted fine-tune
+
+
+def test_the_demo_reference_its_traits_and_its_mask_are_reproducible(tmp_path):
+    from hyperbooth.demo import DATA, write_reference
+
+    write_reference(tmp_path)
+    for name in ("demo_reference.png", "demo_reference_mask.png"):
+        written = np.asarray(Image.open(tmp_path / name))
+        assert np.array_equal(written, np.asarray(Image.open(DATA / name))), name
+    assert json.loads((tmp_path / "demo_reference.json").read_text()) == json.loads(
+        (DATA / "demo_reference.json").read_text()
+    )
 
 
 def test_personalisation_samples_at_the_guidance_it_is_given(toy_world, monkeypatch):
