@@ -790,8 +790,6 @@ def _personalize_mask_weight(args: argparse.Namespace) -> float:
     """personalize --mask-weight: 3 with --mask by default; an error without it."""
     if args.mask_weight is not None and not args.mask:
         raise HyperboothError("--mask-weight weighs the --mask region; pass --mask FILE too")
-    if args.mask and args.hypernet_only:
-        raise HyperboothError("--mask weighs the fine-tune's loss; --hypernet-only has none")
     return 0.0 if not args.mask else 3.0 if args.mask_weight is None else args.mask_weight
 
 

@@ -63,6 +63,8 @@ class PersonalizeConfig:
             raise HyperboothError("--no-hypernet and --hypernet-only together leave nothing to do")
         if self.rank < 1 or self.steps < 1:
             raise HyperboothError("--rank and --steps must be >= 1")
+        if self.mask_weight and not self.fine_tune:
+            raise HyperboothError("--mask weighs the fine-tune's loss; --hypernet-only has none")
         # A --prompt without the token, or a negative --mask-weight, fails here, before anything
         # loads.
         self.subject()
@@ -138,8 +140,6 @@ def personalize(
         raise HyperboothError(
             "--mask and --mask-weight go together: a mask of the subject and its weight (> 0)"
         )
-    if mask is not None and not config.fine_tune:
-        raise HyperboothError("--mask weighs the fine-tune's loss; --hypernet-only has none")
     seconds: dict[str, float] = {}
     parts: dict[str, tuple[Adapter, dict]] = {}
     subject = config.subject()
