@@ -349,9 +349,43 @@ def test_masks_weigh_the_loss_on_the_subject_region(tiny_base, tmp_path):
         with pytest.raises(HyperboothError, match=message):
             prepare_subject(tiny_base, subject, _images(1), torch.device("cpu"), tmp_path, False,
                             masks=bad)  # fmt: skip
-    with pytest.raises(HyperboothError, match="--rescale cannot take masks"):
-        prepare_subject(tiny_base, SubjectConfig(rescale_copies=2), _images(1),
-                        torch.device("cpu"), tmp_path, False, masks=[mask])  # fmt: skip
+
+
+def test_rescaled_copies_move_the_subject_mask_with_the_image(tiny_base, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from hyperbooth.methods.common import prepare_subject, rescale_image
+
+    mask = np.zeros((32, 32), dtype=np.float32)
+    mask[:16, :16] = 1.0
+    image = Image.fromarray((mask[..., None] * 255).repeat(3, 2).astype(np.uint8))
+    rng = np.random.default_rng(0)
+    same = rescale_image(image, 1.0, rng, grid=4, subject_mask=mask)
+    np.testing.assert_allclose(same[3], mask, atol=1 / 255)
+    small, region, _, moved = rescale_image(image, 0.5, rng, grid=4, subject_mask=mask)
+    # The mask lands where the image's white quarter landed, and nowhere outside the paste.
+    white = np.asarray(small)[..., 0] > 200
+    assert np.abs((moved > 0.5) ^ white).mean() < 0.02
+    assert moved[np.kron(region, np.ones((4, 4))) == 0].max() == 0
+    assert abs(moved.sum() - mask.sum() / 4) < 0.05 * mask.sum() / 4
+    large, _, _, moved = rescale_image(image, 1.3, rng, grid=4, subject_mask=mask)
+    assert np.abs((moved > 0.5) ^ (np.asarray(large)[..., 0] > 200)).mean() < 0.02
+
+    subject = SubjectConfig(rescale_copies=4, mask_weight=3.0)
+    data = prepare_subject(
+        tiny_base, subject, [image], torch.device("cpu"), tmp_path, False, masks=[mask]
+    )
+    plain = prepare_subject(
+        tiny_base, SubjectConfig(mask_weight=3.0), [image], torch.device("cpu"), tmp_path,
+        False, masks=[mask],
+    )  # fmt: skip
+    weights = data.instance_mask[:, 0]
+    assert weights.shape[0] == 4 and torch.equal(weights[0], plain.instance_mask[0, 0])
+    assert weights.max() == 4.0 and weights.min() >= 0
+    shrunk = [k for k in range(4) if (weights[k] == 0).any()]
+    assert shrunk  # a shrunk copy: no loss on its padding, the face weighed inside the paste
+    assert all((weights[k] > 1).any() for k in shrunk)
 
 
 def test_masks_weigh_a_new_word_too_but_not_with_templates(tiny_base, tmp_path):

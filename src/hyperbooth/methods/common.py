@@ -101,18 +101,30 @@ def token_ids(base: object, prompt: str | list[str]) -> torch.Tensor:
 
 
 def rescale_image(
-    image: Image.Image, scale: float, rng: np.random.Generator, grid: int
-) -> tuple[Image.Image, np.ndarray, str]:
+    image: Image.Image,
+    scale: float,
+    rng: np.random.Generator,
+    grid: int,
+    subject_mask: np.ndarray | None = None,
+) -> tuple[Image.Image, np.ndarray, str] | tuple[Image.Image, np.ndarray, str, np.ndarray]:
     """One rescale augmentation: (image, mask on the latent grid, prompt prefix).
 
     `grid` is the VAE's downsampling factor: sizes and offsets are multiples of it, so the mask
-    lines up with latent pixels.
+    lines up with latent pixels. With `subject_mask` (H, W) in [0, 1], the same move is applied
+    to it and it comes back fourth, at image resolution (zero where the image was padded).
     """
     size = image.width
     new = max(grid, int(round(size * scale / grid)) * grid)
     latent = size // grid
     mask = np.ones((latent, latent), dtype=np.float32)
     resized = image.resize((new, new), Image.Resampling.BICUBIC)
+    moved = None
+    if subject_mask is not None:
+        pixels = np.clip(np.asarray(subject_mask, dtype=np.float32), 0, 1) * 255
+        moved = Image.fromarray(pixels.astype(np.uint8)).resize(
+            (new, new), Image.Resampling.BILINEAR
+        )
+    prefix = ""
     if new < size:
         top, left = (rng.integers(0, (size - new) // grid + 1, 2) * grid).tolist()
         canvas = Image.new("RGB", (size, size), (128, 128, 128))
@@ -120,31 +132,53 @@ def rescale_image(
         mask[:] = 0
         mask[top // grid : (top + new) // grid, left // grid : (left + new) // grid] = 1
         prefix = str(rng.choice(SMALL_WORDS)) if new < 0.6 * size else ""
-        return canvas, mask, prefix
-    if new > size:
+        resized = canvas
+        if moved is not None:
+            blank = Image.new("L", (size, size), 0)
+            blank.paste(moved, (left, top))
+            moved = blank
+    elif new > size:
         top, left = rng.integers(0, new - size + 1, 2).tolist()
-        return (
-            resized.crop((left, top, left + size, top + size)),
-            mask,
-            str(rng.choice(LARGE_WORDS)),
-        )
-    return resized, mask, ""
+        resized = resized.crop((left, top, left + size, top + size))
+        prefix = str(rng.choice(LARGE_WORDS))
+        if moved is not None:
+            moved = moved.crop((left, top, left + size, top + size))
+    if moved is None:
+        return resized, mask, prefix
+    return resized, mask, prefix, np.asarray(moved, dtype=np.float32) / 255
+
+
+@dataclass
+class Copies:
+    """Rescaled training images, each with its loss region on the latent grid and its prompt."""
+
+    images: list[Image.Image]
+    regions: list[torch.Tensor]  # (h, w): 0 where a shrunk copy was padded
+    prompts: list[str]
+    masks: list[np.ndarray] | None = None  # the subject masks, moved with their images
 
 
 def rescaled_copies(
-    images: list[Image.Image], prompts: list[str], copies: int, seed: list[int], grid: int
-) -> tuple[list[Image.Image], list[torch.Tensor], list[str]]:
+    images: list[Image.Image],
+    prompts: list[str],
+    copies: int,
+    seed: list[int],
+    grid: int,
+    masks: list[np.ndarray] | None = None,
+) -> Copies:
     """`copies` rescale augmentations of each image (the first unchanged), each with its prompt."""
-    pictures, masks, out = [], [], []
+    out = Copies([], [], [], None if masks is None else [])
     for i, (image, prompt) in enumerate(zip(images, prompts, strict=True)):
         rng = np.random.default_rng([*seed, i])
         for k in range(max(copies, 1)):
             scale = 1.0 if k == 0 else float(rng.uniform(0.4, 1.4))
-            picture, mask, prefix = rescale_image(image, scale, rng, grid)
-            pictures.append(picture)
-            masks.append(torch.from_numpy(mask))
-            out.append(prefix + prompt)
-    return pictures, masks, out
+            moved = rescale_image(image, scale, rng, grid, None if masks is None else masks[i])
+            out.images.append(moved[0])
+            out.regions.append(torch.from_numpy(moved[1]))
+            out.prompts.append(moved[2] + prompt)
+            if out.masks is not None:
+                out.masks.append(moved[3])
+    return out
 
 
 def loss_weights(
@@ -153,8 +187,6 @@ def loss_weights(
     """(N, 1, h, w) per-latent-pixel loss weights 1 + mask_weight * (the mask, area-averaged)."""
     if len(masks) != count:
         raise HyperboothError(f"{len(masks)} masks for {count} images; give one per image")
-    if subject.rescale_copies:
-        raise HyperboothError("--rescale cannot take masks yet; drop one of them")
     stacked = torch.stack([torch.as_tensor(np.asarray(m, dtype=np.float32)) for m in masks])
     if stacked.min() < 0 or stacked.max() > 1 or stacked.shape[-1] % grid:
         raise HyperboothError(
@@ -231,21 +263,24 @@ def prepare_subject(
         raise HyperboothError(
             "no training images given; pass --images with 1-5 photos of the subject"
         )
-    weights = None  # (N, 1, h, w) per-latent loss weights, when latents differ in mask or prompt
+    grid = base.vae_scale_factor
     if masks is not None:
-        weights = loss_weights(masks, len(images), subject, base.vae_scale_factor)
+        loss_weights(masks, len(images), subject, grid)  # checks them before they are moved
     check_max_timestep(subject.max_timestep, base.scheduler.config.num_train_timesteps)
     prompts = subject.prompt
+    regions = None  # (N, 1, h, w): where each latent's loss counts (rescaled copies)
     if subject.per_image_prompts:
-        images, copy_masks, prompts = rescaled_copies(
-            images,
-            subject.image_prompts(len(images)),
-            subject.rescale_copies,
-            [0],
-            base.vae_scale_factor,
+        copies = rescaled_copies(
+            images, subject.image_prompts(len(images)), subject.rescale_copies, [0], grid, masks
         )
-        if weights is None:  # with masks there are no rescaled copies: one latent per image
-            weights = torch.stack(copy_masks)[:, None]
+        images, prompts, masks = copies.images, copies.prompts, copies.masks
+        regions = torch.stack(copies.regions)[:, None]
+    # (N, 1, h, w) per-latent loss weights, when latents differ in mask or prompt
+    weights = regions
+    if masks is not None:
+        weights = loss_weights(masks, len(images), subject, grid)
+        if regions is not None:
+            weights = weights * regions
     mean, std = encode_images(base, images, device)
     data = SubjectData(mean, std, token_ids(base, prompts).to(device))
     if weights is not None:

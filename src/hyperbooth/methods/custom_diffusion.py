@@ -99,8 +99,9 @@ def build_bank(
         more = rescaled_copies(
             images, subject.image_prompts(len(images)), copies, [config.seed, c], grid
         )
-        for have, new in zip((pictures, masks, prompts), more, strict=True):
-            have.extend(new)
+        pictures.extend(more.images)
+        masks.extend(more.regions)
+        prompts.extend(more.prompts)
     mean, std = encode_images(base, pictures, device)
     mask = torch.stack(masks)[:, None].to(device)
     return Bank(mean, std, mask, token_ids(base, prompts).to(device))
