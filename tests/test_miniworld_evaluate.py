@@ -251,9 +251,9 @@ def test_personalisation_samples_at_the_guidance_it_is_given(toy_world, monkeypa
     assert seen == [4.0]
 
 
-@pytest.mark.parametrize("describe", [False, True])
+@pytest.mark.parametrize("describe,rescale", [(False, 0), (True, 0), (True, 3)])
 def test_describe_reference_names_the_reference_context_in_the_fitting_prompt(
-    toy_world, monkeypatch, describe
+    toy_world, monkeypatch, describe, rescale
 ):
     import hyperbooth.methods as methods
     import hyperbooth.miniworld.evaluate as evaluate
@@ -267,11 +267,14 @@ def test_describe_reference_names_the_reference_context_in_the_fitting_prompt(
 
     monkeypatch.setattr(evaluate, "generate_images", lambda *a, **k: [])
     monkeypatch.setattr(methods, "personalise", record)
-    config = PersonalisationConfig(method="lora", identities=1, describe_reference=describe)
+    config = PersonalisationConfig(
+        method="lora", identities=1, describe_reference=describe, rescale_copies=rescale
+    )
     with pytest.raises(KeyboardInterrupt):
         personalisation(base, judge, config, progress=False)
+    framing = "" if rescale else " medium shot,"  # rescaled copies name their own framing
     expected = (
-        "a sks face with no headwear on a plain white background, medium shot, shaded"
+        f"a sks face with no headwear on a plain white background,{framing} shaded"
         if describe
         else "a sks face"
     )

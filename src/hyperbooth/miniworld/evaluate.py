@@ -405,7 +405,10 @@ def _instance_prompt(config: PersonalisationConfig) -> str | None:
     """The fitting prompt: the reference's context named with --describe-reference, else None."""
     if not config.describe_reference:
         return None
-    return prompt_for(REFERENCE_CONTEXT.as_dict(), token=config.token)
+    context = REFERENCE_CONTEXT.as_dict()
+    if config.rescale_copies:  # the copies' framing differs; their own words name it
+        del context["framing"]
+    return prompt_for(context, token=config.token)
 
 
 def _fast_path(config: PersonalisationConfig) -> tuple[object, object]:
