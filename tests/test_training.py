@@ -10,7 +10,7 @@ from PIL import Image
 
 from hyperbooth.adapters.config import AdapterConfig
 from hyperbooth.errors import HyperboothError
-from hyperbooth.methods import SubjectConfig, personalise
+from hyperbooth.methods import SubjectConfig, TextualInversionConfig, personalise
 from hyperbooth.training import TrainConfig
 
 SMALL_LIDB = AdapterConfig(kind="lidb", lidb_a=16, lidb_b=8)
@@ -258,9 +258,32 @@ def test_rescaled_copies_train_with_their_own_prompt_and_loss_mask(
 
     with pytest.raises(HyperboothError, match="--rescale"):
         SubjectConfig(rescale_copies=-1)
-    with pytest.raises(HyperboothError, match="takes no --rescale"):
+    with pytest.raises(HyperboothError, match="--templates draw a prompt per sample"):
         personalise(tiny_base, _images(1), tmp_path / "ti", "textual-inversion",
-                    subject=SubjectConfig(token="<me>", rescale_copies=2), progress=False)  # fmt: skip
+                    subject=SubjectConfig(token="<me>", rescale_copies=2), progress=False,
+                    textual_inversion=TextualInversionConfig(templates=("a {}",)))  # fmt: skip
+
+
+def test_a_new_word_trains_in_each_copy_s_own_prompt(tiny_base, tmp_path):
+    from hyperbooth.methods.common import prepare_subject, token_ids
+    from hyperbooth.methods.textual_inversion import TextualInversion
+
+    base = copy.deepcopy(tiny_base)
+    subject = SubjectConfig(token="<me>", rescale_copies=3)
+    data = prepare_subject(base, subject, _images(2), torch.device("cpu"), tmp_path, False)
+    before = list(data.prompts)
+    assert len(before) == 6 and all("<me> face" in p for p in before)
+    method = TextualInversion(base, subject, data, TextualInversionConfig(vectors=2))
+    # Every copy keeps its own words ("zoomed in ...") with the token now the word's 2 entries.
+    expected = [p.replace("<me>", "<me> <me>_1") for p in before]
+    assert torch.equal(data.instance_ids, token_ids(base, expected))
+    assert len(set(map(tuple, data.instance_ids.tolist()))) > 1
+    result = personalise(copy.deepcopy(tiny_base), _images(1), tmp_path / "piv", "lora",
+                         subject=SubjectConfig(token="<me>", rescale_copies=2), pivotal=True,
+                         train_text_encoder=False,
+                         train_config=TrainConfig(steps=2, device="cpu"), progress=False)  # fmt: skip
+    assert (result.output.parent / "learned_embeds.safetensors").is_file()
+    assert method.trainable()["textual_inversion.vectors"].shape[0] == 2
 
 
 def test_each_image_trains_with_its_own_caption(tiny_base, tmp_path):
@@ -275,9 +298,10 @@ def test_each_image_trains_with_its_own_caption(tiny_base, tmp_path):
         prepare_subject(tiny_base, subject, _images(3), torch.device("cpu"), tmp_path, False)
     with pytest.raises(HyperboothError, match="does not contain the token 'sks'"):
         SubjectConfig(instance_prompts=("a sks face", "a face"))
-    with pytest.raises(HyperboothError, match="takes no --rescale or --captions"):
+    with pytest.raises(HyperboothError, match="--rescale and --captions give each photo"):
         personalise(tiny_base, _images(1), tmp_path / "ti", "textual-inversion",
                     subject=SubjectConfig(token="<me>", instance_prompts=("a <me> face",)),
+                    textual_inversion=TextualInversionConfig(templates=("a {}",)),
                     progress=False)  # fmt: skip
 
 

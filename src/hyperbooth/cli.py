@@ -329,8 +329,6 @@ def _image_captions(args: argparse.Namespace) -> tuple[str, ...]:
 
     if args.concept:
         raise HyperboothError("--captions reads the --images files' captions; not with --concept")
-    if args.method == "textual-inversion":
-        raise HyperboothError("textual-inversion takes no --captions (use --templates)")
     captions = []
     for path in collect_images(args.images):
         text = path.with_suffix(".txt")

@@ -243,6 +243,8 @@ class SubjectData:
     class_std: torch.Tensor | None = None
     class_ids: torch.Tensor | None = None  # (1, 77), or (N, 77): one caption per class image
     hidden_cache: dict[str, torch.Tensor] = field(default_factory=dict)
+    # The instance prompts as text, one per row of instance_ids (a new word re-tokenises them).
+    prompts: list[str] = field(default_factory=list)
 
 
 def prepare_subject(
@@ -283,6 +285,7 @@ def prepare_subject(
             weights = weights * regions
     mean, std = encode_images(base, images, device)
     data = SubjectData(mean, std, token_ids(base, prompts).to(device))
+    data.prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if weights is not None:
         data.instance_mask = weights.to(device)
     if subject.regularisation_dir:

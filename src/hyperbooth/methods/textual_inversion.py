@@ -158,11 +158,10 @@ class TextualInversion(SubjectMethod):
     ):
         super().__init__(base, subject, data)
         self.config = config
-        if subject.per_image_prompts:
+        if subject.per_image_prompts and config.templates:
             raise HyperboothError(
-                "a new word (textual-inversion, --pivotal) takes no --rescale or --captions (its "
-                "prompts are rewritten per word, so the images would lose their own words); drop "
-                "them"
+                "--templates draw a prompt per sample, --rescale and --captions give each photo "
+                "its own; drop one of them"
             )
         if data.instance_mask is not None and config.templates:
             raise HyperboothError(
@@ -176,8 +175,8 @@ class TextualInversion(SubjectMethod):
         word = " ".join(token_names(subject.token, len(initial)))
         if config.templates:
             prompts = [template.format(word) for template in config.templates]
-        else:
-            prompts = [subject.prompt.replace(subject.token, word)]
+        else:  # one prompt, or each photo's own (--captions, --rescale copies)
+            prompts = [prompt.replace(subject.token, word) for prompt in data.prompts]
         data.instance_ids = token_ids(base, prompts).to(data.instance_ids.device)
         embedding = base.text_encoder.get_input_embeddings()
         self.frozen = embedding.weight.detach().clone()
