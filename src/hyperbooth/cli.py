@@ -943,7 +943,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="N copies of each photo rescaled 0.4-1.4x (a shrunk one on grey with the loss masked "
         "to it, 'a far away ...'; an enlarged one cropped, 'close up ...'), so the subject is "
-        "learnt at other sizes too; 0: none (custom-diffusion has its own, see --no-rescale)",
+        "learnt at other sizes too; --masks move with the copies; 0: none (custom-diffusion has its "
+        "own, see --no-rescale)",
     )
     p.add_argument("--num-class-images", type=int, default=100)
     p.add_argument("--class-prompt", default=None, help="default 'a {class}'")
