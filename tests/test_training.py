@@ -461,3 +461,54 @@ def test_train_masks_reads_one_mask_per_image_by_name(tmp_path, capsys):
     assert cli([*no_masks[:-1], "--mask-weight", "2", "--out", str(tmp_path / "c")]) == 2
     assert "pass --masks DIR too" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists() and not (tmp_path / "c").exists()
+
+
+def test_lr_schedule_is_diffusers_and_resumes_exactly(tiny_base, tmp_path, monkeypatch):
+    from diffusers.optimization import get_cosine_schedule_with_warmup
+
+    from hyperbooth import training
+    from hyperbooth.training import lr_factor
+
+    assert lr_factor(TrainConfig(steps=10)) is None  # constant: the rate is never touched
+    factor = lr_factor(TrainConfig(steps=10, lr_scheduler="cosine", lr_warmup_steps=2))
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    reference = get_cosine_schedule_with_warmup(probe, 2, 10)
+    for step in range(10):  # diffusers' order: optimizer.step() at rate(step), then .step()
+        assert factor(step) == pytest.approx(probe.param_groups[0]["lr"])
+        reference.step()
+    assert factor(0) == 0 and factor(2) == 1 and 0 < factor(9) < 0.1
+    assert lr_factor(TrainConfig(steps=4, lr_warmup_steps=2))(3) == 1  # constant after warm-up
+    with pytest.raises(HyperboothError, match="--lr-scheduler must be one of"):
+        TrainConfig(lr_scheduler="exponential")
+    with pytest.raises(HyperboothError, match="--lr-warmup-steps must be >= 0"):
+        TrainConfig(lr_warmup_steps=-1)
+
+    config = dict(seed=5, device="cpu", learning_rate=1e-2, lr_scheduler="cosine")
+    adapter = AdapterConfig(kind="lora", rank=2)
+    straight = personalise(copy.deepcopy(tiny_base), _images(), tmp_path / "straight", "lora",
+                           adapter=adapter, train_config=TrainConfig(steps=4, **config),
+                           progress=False)  # fmt: skip
+    constant = personalise(copy.deepcopy(tiny_base), _images(), tmp_path / "constant", "lora",
+                           adapter=adapter, train_config=TrainConfig(steps=4, seed=5, device="cpu",
+                           learning_rate=1e-2), progress=False)  # fmt: skip
+    real = training.step_generator
+
+    def interrupted(seed, step, micro, rank):
+        if step == 2:
+            raise KeyboardInterrupt  # killed after the step-2 checkpoint
+        return real(seed, step, micro, rank)
+
+    monkeypatch.setattr(training, "step_generator", interrupted)
+    run = dict(adapter=adapter, progress=False,
+               train_config=TrainConfig(steps=4, checkpoint_every=2, **config))  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        personalise(copy.deepcopy(tiny_base), _images(), tmp_path / "split", "lora", **run)
+    monkeypatch.setattr(training, "step_generator", real)
+    resumed = personalise(copy.deepcopy(tiny_base), _images(), tmp_path / "split", "lora",
+                          resume=True, **run)  # fmt: skip
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(straight.output)), load_file(str(resumed.output))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    c = load_file(str(constant.output))
+    assert any(not torch.equal(a[k], c[k]) for k in a)  # the schedule changed the fit

@@ -108,6 +108,24 @@ def _adapter_config(args: argparse.Namespace, kind: str):
         raise HyperboothError(str(e)) from e
 
 
+def _schedule_flags(p: argparse.ArgumentParser) -> None:
+    """--lr-scheduler and --lr-warmup-steps, as diffusers' training scripts take them."""
+    from hyperbooth.training import LR_SCHEDULERS
+
+    p.add_argument(
+        "--lr-scheduler",
+        choices=LR_SCHEDULERS,
+        default=None,
+        help="how the learning rate moves over the run (diffusers' schedules; default constant)",
+    )
+    p.add_argument(
+        "--lr-warmup-steps",
+        type=int,
+        default=None,
+        help="steps of linear warm-up from 0 to --lr first (default 0)",
+    )
+
+
 def _precision_flag(p: argparse.ArgumentParser) -> None:
     """--mixed-precision, as every training verb takes it."""
     from hyperbooth.training import PRECISIONS
@@ -217,6 +235,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         checkpoint_every=args.checkpoint_every,
         max_grad_norm=args.max_grad_norm,
         device=args.device,
+        lr_scheduler=args.lr_scheduler,
+        lr_warmup_steps=args.lr_warmup_steps,
     )
     started = time.perf_counter()
     if args.method in ("dreambooth", "custom-diffusion") and args.base_dtype not in (
@@ -703,6 +723,8 @@ def cmd_train_hypernet(args: argparse.Namespace) -> None:
         mixed_precision=args.mixed_precision,
         checkpoint_every=args.checkpoint_every,
         device=args.device,
+        lr_scheduler=args.lr_scheduler,
+        lr_warmup_steps=args.lr_warmup_steps,
     )
     accelerator = make_accelerator(train_config)
     base = load_base(args.base, dtype=_dtype(args.base_dtype or "float32"))
@@ -916,6 +938,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="learning rate (default: dreambooth 5e-6, lora 1e-4, lidb 1e-3, textual-inversion 5e-3)",
     )
+    _schedule_flags(p)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--gradient-accumulation", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
@@ -1297,6 +1320,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=None, help="default 1e-4")
+    _schedule_flags(p)
     p.add_argument("--seed", type=int, default=0)
     _precision_flag(p)
     p.add_argument("--checkpoint-every", type=int, default=0)

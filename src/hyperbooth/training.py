@@ -14,6 +14,7 @@ import os
 import shutil
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -28,6 +29,15 @@ from hyperbooth.errors import HyperboothError
 from hyperbooth.machine import cpu_precision, native_bf16_cpu
 
 PRECISIONS = ("no", "bf16", "fp16", "auto")  # auto: resolve_precision
+# diffusers.optimization's schedules that need nothing but warm-up and total steps.
+LR_SCHEDULERS = (
+    "constant",
+    "constant_with_warmup",
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+)
 FOREACH_MAX_NUMBERS = 50_000_000
 
 
@@ -45,10 +55,21 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0
     weight_decay: float = 0.0
     device: str = "auto"  # "auto" picks CUDA when present
+    # The learning rate over the run, by diffusers' get_scheduler name (LR_SCHEDULERS), after
+    # lr_warmup_steps of linear warm-up; None: constant, no warm-up (what older runs did).
+    lr_scheduler: str | None = None
+    lr_warmup_steps: int | None = None
 
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise HyperboothError(f"--steps must be >= 1, got {self.steps}")
+        if self.lr_scheduler is not None and self.lr_scheduler not in LR_SCHEDULERS:
+            raise HyperboothError(
+                f"--lr-scheduler must be one of {', '.join(LR_SCHEDULERS)}, got "
+                f"{self.lr_scheduler!r}"
+            )
+        if self.lr_warmup_steps is not None and self.lr_warmup_steps < 0:
+            raise HyperboothError(f"--lr-warmup-steps must be >= 0, got {self.lr_warmup_steps}")
         if self.batch_size < 1 or self.gradient_accumulation < 1:
             raise HyperboothError("--batch-size and --gradient-accumulation must be >= 1")
         if self.mixed_precision not in PRECISIONS:
@@ -95,6 +116,24 @@ def param_groups(
     for tensor, rate in zip(trainable.values(), rates, strict=True):
         groups[rate].append(tensor)
     return [{"params": tensors, "lr": rate} for rate, tensors in groups.items() if tensors]
+
+
+def lr_factor(config: TrainConfig) -> Callable[[int], float] | None:
+    """The multiplier of every group's rate at each step (0-based), or None for a constant rate.
+
+    It is diffusers' schedule (`diffusers.optimization.get_scheduler`), read as a pure function
+    of the step, so a resumed run sets the same rates with no scheduler state to restore.
+    """
+    from diffusers.optimization import get_scheduler
+
+    name, warmup = config.lr_scheduler or "constant", config.lr_warmup_steps or 0
+    if name == "constant" and not warmup:
+        return None
+    if name == "constant":
+        name = "constant_with_warmup"
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    schedule = get_scheduler(name, probe, num_warmup_steps=warmup, num_training_steps=config.steps)
+    return schedule.lr_lambdas[0]
 
 
 def step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
@@ -295,6 +334,8 @@ def train(
     )
     precision = resolve_precision(accelerator.device, config.mixed_precision)
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+    factor = lr_factor(config)
+    rates = [group["lr"] for group in optimizer.param_groups]  # each group's peak rate
     # Settings a resumed run must share; steps and checkpoint cadence may change (to extend a run).
     loop = {
         k: v for k, v in asdict(config).items() if k not in ("steps", "checkpoint_every", "device")
@@ -333,6 +374,9 @@ def train(
             scaler.unscale_(optimizer)
         if config.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        if factor is not None:
+            for group, rate in zip(optimizer.param_groups, rates, strict=True):
+                group["lr"] = rate * factor(step)
         if scaler:
             scaler.step(optimizer)
             scaler.update()

@@ -317,6 +317,7 @@ class PersonalisationConfig:
     # these traits (empty: off).
     describe_subject: tuple[str, ...] = ()
     word_learning_rate: float | None = None  # pivotal: the word's own rate (None: the run's)
+    lr_scheduler: str | None = None  # TrainConfig.lr_scheduler (None: constant)
     # The loss weighs the reference's face features (render.feature_map, what a face parser
     # would mark) 1 + mask_weight times the rest; 0: uniform.
     mask_weight: float = 0.0
@@ -531,6 +532,7 @@ def personalisation(
                         learning_rate=config.learning_rate,
                         seed=config.seed,
                         device="cpu",
+                        lr_scheduler=config.lr_scheduler,
                     ),
                     progress=False,
                     train_text_encoder=config.train_text_encoder,
@@ -894,6 +896,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--steps", type=int, default=400, help="personalisation: training steps")
     parser.add_argument("--learning-rate", type=float, default=None)
+    parser.add_argument(
+        "--lr-scheduler",
+        default=None,
+        help="personalisation: the fit's learning-rate schedule (diffusers' names; default constant)",
+    )
     parser.add_argument("--rank", type=int, default=1, help="personalisation: lidb/lora rank")
     parser.add_argument(
         "--unet-targets",
@@ -1049,6 +1056,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             pivotal=args.pivotal,
             describe_subject=_described_traits(args.describe_subject),
             word_learning_rate=args.word_learning_rate,
+            lr_scheduler=args.lr_scheduler,
             word_steps=args.word_steps,
             mask_weight=args.mask_weight,
             also_guidance=tuple(args.also_guidance),
