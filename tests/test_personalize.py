@@ -187,9 +187,9 @@ def test_a_hypernetwork_for_another_base_is_a_one_line_error(tiny_base, tmp_path
     assert not (tmp_path / "s.safetensors").exists()
 
 
-def _relaxed(base, tmp_path, name, mask=None, weight=0.0):
+def _relaxed(base, tmp_path, name, mask=None, weight=0.0, **more):
     """The relaxed LoRA's tensors after 3 fine-tune steps from zero, with an optional mask."""
-    config = PersonalizeConfig(use_hypernet=False, steps=3, rank=2, mask_weight=weight)
+    config = PersonalizeConfig(use_hypernet=False, steps=3, rank=2, mask_weight=weight, **more)
     out = tmp_path / f"{name}.safetensors"
     personalize(copy.deepcopy(base), None, _image(), out, config, False, mask=mask)
     return read_adapter_parts(out)["relaxed"].tensors
@@ -210,6 +210,15 @@ def test_a_mask_weighs_the_fine_tunes_loss(tiny_base, tmp_path):
     assert any(not torch.allclose(half[key], plain[key], atol=1e-4) for key in plain)
     with pytest.raises(HyperboothError, match="--mask and --mask-weight go together"):
         _relaxed(tiny_base, tmp_path, "no_weight", left, 0.0)
+
+
+def test_the_fine_tune_follows_its_learning_rate_schedule(tiny_base, tmp_path):
+    plain = _relaxed(tiny_base, tmp_path, "plain")
+    # Linear warm-up over all 3 steps: rates 0, 1/3, 2/3 of --lr, so a smaller, different fit.
+    warm = _relaxed(tiny_base, tmp_path, "warm", lr_warmup_steps=3)
+    assert any(not torch.allclose(warm[key], plain[key], atol=1e-6) for key in plain)
+    step_norm = sum(float(warm[k].norm()) for k in warm if "up" in k)
+    assert 0 < step_norm < sum(float(plain[k].norm()) for k in plain if "up" in k)
 
 
 def test_personalize_mask_flags_are_checked(tiny_base, tmp_path, capsys):

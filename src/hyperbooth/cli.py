@@ -778,6 +778,8 @@ def cmd_personalize(args: argparse.Namespace) -> None:
         text_encoder_targets=() if args.no_text_encoder else None,
         max_timestep=args.max_timestep,
         mask_weight=_personalize_mask_weight(args),
+        lr_scheduler=args.lr_scheduler,
+        lr_warmup_steps=args.lr_warmup_steps,
     )
     started = time.perf_counter()
     device = make_accelerator(TrainConfig(device=args.device)).device
@@ -1362,6 +1364,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-text-encoder", action="store_true", help="the relaxed LoRA adapts the UNet only"
     )
     p.add_argument("--lr", type=float, default=1e-3)
+    _schedule_flags(p)
     p.add_argument("--token", default="sks")
     p.add_argument("--class", dest="class_name", default="face")
     p.add_argument(

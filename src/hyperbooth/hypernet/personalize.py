@@ -57,6 +57,9 @@ class PersonalizeConfig:
     # With a mask of the subject (personalize's `mask`), the fine-tune's loss weighs it
     # 1 + mask_weight times the rest of the picture; 0: a uniform loss.
     mask_weight: float = 0.0
+    # The fine-tune's learning-rate schedule (TrainConfig.lr_scheduler / lr_warmup_steps).
+    lr_scheduler: str | None = None
+    lr_warmup_steps: int | None = None
 
     def __post_init__(self) -> None:
         if not (self.use_hypernet or self.fine_tune):
@@ -159,6 +162,8 @@ def personalize(
             seed=config.seed,
             mixed_precision=config.mixed_precision,
             device=config.device,
+            lr_scheduler=config.lr_scheduler,
+            lr_warmup_steps=config.lr_warmup_steps,
         )
         accelerator = make_accelerator(train_config)
         masks = None if mask is None else [mask]

@@ -437,6 +437,7 @@ def _fast_path(config: PersonalisationConfig) -> tuple[object, object]:
         text_encoder_targets=() if config.train_text_encoder is False else None,
         max_timestep=config.max_timestep,
         mask_weight=config.mask_weight,
+        lr_scheduler=config.lr_scheduler,
     )
     return hypernet, fast
 
