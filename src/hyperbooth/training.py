@@ -375,8 +375,9 @@ def train(
         if config.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
         if factor is not None:
+            scale = factor(step)
             for group, rate in zip(optimizer.param_groups, rates, strict=True):
-                group["lr"] = rate * factor(step)
+                group["lr"] = rate * scale
         if scaler:
             scaler.step(optimizer)
             scaler.update()

@@ -266,23 +266,20 @@ def prepare_subject(
             "no training images given; pass --images with 1-5 photos of the subject"
         )
     grid = base.vae_scale_factor
-    if masks is not None:
-        loss_weights(masks, len(images), subject, grid)  # checks them before they are moved
+    # (N, 1, h, w) per-latent loss weights, when latents differ in mask or prompt; computed
+    # (and the masks checked) before any copies are made.
+    weights = None if masks is None else loss_weights(masks, len(images), subject, grid)
     check_max_timestep(subject.max_timestep, base.scheduler.config.num_train_timesteps)
     prompts = subject.prompt
-    regions = None  # (N, 1, h, w): where each latent's loss counts (rescaled copies)
     if subject.per_image_prompts:
         copies = rescaled_copies(
             images, subject.image_prompts(len(images)), subject.rescale_copies, [0], grid, masks
         )
-        images, prompts, masks = copies.images, copies.prompts, copies.masks
-        regions = torch.stack(copies.regions)[:, None]
-    # (N, 1, h, w) per-latent loss weights, when latents differ in mask or prompt
-    weights = regions
-    if masks is not None:
-        weights = loss_weights(masks, len(images), subject, grid)
-        if regions is not None:
-            weights = weights * regions
+        images, prompts = copies.images, copies.prompts
+        regions = torch.stack(copies.regions)[:, None]  # where each copy's loss counts
+        if copies.masks is not None:  # the masks moved with their copies
+            regions = regions * loss_weights(copies.masks, len(images), subject, grid)
+        weights = regions
     mean, std = encode_images(base, images, device)
     data = SubjectData(mean, std, token_ids(base, prompts).to(device))
     data.prompts = [prompts] if isinstance(prompts, str) else list(prompts)

@@ -60,6 +60,7 @@ from hyperbooth.miniworld.render import (
     random_identity,
     render,
 )
+from hyperbooth.training import LR_SCHEDULERS
 
 TOKEN = "sks"
 SCORES = ("identity", "hidden", "prompt")
@@ -899,6 +900,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--learning-rate", type=float, default=None)
     parser.add_argument(
         "--lr-scheduler",
+        choices=LR_SCHEDULERS,
         default=None,
         help="personalisation: the fit's learning-rate schedule (diffusers' names; default constant)",
     )
