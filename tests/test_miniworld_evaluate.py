@@ -10,6 +10,7 @@ from PIL import Image
 
 from hyperbooth.bases import load_base
 from hyperbooth.errors import HyperboothError
+from hyperbooth.miniworld.compare import compare
 from hyperbooth.miniworld.evaluate import (
     EVALUATION_CONTEXTS,
     REFERENCE_CONTEXT,
@@ -282,7 +283,7 @@ def test_describe_reference_names_the_reference_context_in_the_fitting_prompt(
 
 
 def test_also_guidance_scores_the_same_fits_again_and_mask_weight_passes_the_face_map(
-    toy_world, monkeypatch
+    toy_world, monkeypatch, tmp_path
 ):
     import hyperbooth.methods as methods
     import hyperbooth.miniworld.evaluate as evaluate
@@ -314,6 +315,15 @@ def test_also_guidance_scores_the_same_fits_again_and_mask_weight_passes_the_fac
     assert set(also["summary"]) == {"personalised", "base"}
     assert len(also["by_prompt"]) == len(result["prompts"])
     assert all(0 <= also["summary"]["personalised"][k] <= 1 for k in ("identity", "prompt"))
+    # `compare` reads the report as written: at @2.0 it reproduces the extra scale's summary.
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps(result))
+    pooled = compare([f"{report}@2.0"])
+    for score, value in also["summary"]["personalised"].items():
+        assert pooled["mean"][score][0] == pytest.approx(value)
+    assert compare([str(report)])["mean"]["prompt"][0] == pytest.approx(
+        result["summary"]["personalised"]["prompt"]
+    )
 
 
 def test_describe_subject_starts_the_new_word_from_the_reference_traits(toy_world, monkeypatch):
@@ -354,3 +364,51 @@ def test_describe_subject_starts_the_new_word_from_the_reference_traits(toy_worl
         personalisation(
             base, judge, PersonalisationConfig(method="lora", describe_subject=("glasses",)), False
         )
+
+
+def _report(path, rows, guidance="3.0"):
+    """A personalisation report with these (identity, main scores, scores by prompt at G) rows."""
+    identities = [
+        {
+            "identity": index,
+            "personalised": main,
+            "also_guidance": {guidance: {"personalised_by_prompt": by_prompt}},
+        }
+        for index, main, by_prompt in rows
+    ]
+    path.write_text(json.dumps({"identities": identities}))
+    return str(path)
+
+
+def test_compare_pools_reports_and_pairs_identities_by_hand(tmp_path, capsys):
+    from hyperbooth.miniworld.compare import main as compare_main
+
+    def s(identity, hidden, prompt):
+        return {"identity": identity, "hidden": hidden, "prompt": prompt}
+
+    a = _report(tmp_path / "a.json", [(7, s(0.8, 0.5, 1.0), [s(0.6, 0.4, 1.0), s(1.0, 0.6, 0.5)])])
+    b = _report(tmp_path / "b.json", [(9, s(0.6, 0.7, 0.5), [s(0.2, 0.2, 0.0), s(0.4, 0.4, 1.0)])])
+    c = _report(tmp_path / "c.json", [(7, s(0.7, 0.5, 0.5), []), (9, s(0.2, 0.3, 1.0), [])])
+    result = compare([a, b], [c])
+    assert result["identities"] == 2
+    assert result["mean"]["identity"] == pytest.approx((0.7, 0.1))  # sd 0.1414 / sqrt 2
+    # Paired: identity 0.1 and 0.4 -> mean 0.25, standard error 0.15; prompt 0.5, -0.5.
+    assert result["paired"]["identity"] == pytest.approx((0.25, 0.15))
+    assert result["paired"]["prompt"] == pytest.approx((0.0, 0.5))
+    # At @3.0 each identity's score is the mean over its prompts: (0.8, 0.75) and (0.3, 0.5).
+    at_3 = compare([f"{a}@3.0", f"{b}@3.0"])
+    assert at_3["mean"]["identity"][0] == pytest.approx(0.55)
+    assert at_3["mean"]["prompt"][0] == pytest.approx(0.625)
+    bundle = tmp_path / "bundle.json"
+    bundle.write_text(json.dumps({"run": json.loads((tmp_path / "a.json").read_text())}))
+    assert compare([f"{bundle}#run@3.0"]) == compare([f"{a}@3.0"])
+    compare_main([a, b, "--vs", c])
+    assert "paired: +0.250 +- 0.150" in capsys.readouterr().out
+    # Different identities cannot be paired; an absent scale or a non-report says what to pass.
+    with pytest.raises(HyperboothError, match="different identities"):
+        compare([b, a], [c])
+    with pytest.raises(HyperboothError, match="no guidance '4.0'"):
+        compare([f"{a}@4.0"])
+    (tmp_path / "x.json").write_text("{}")
+    with pytest.raises(SystemExit, match="not an `evaluate personalisation` report"):
+        compare_main([str(tmp_path / "x.json")])

@@ -1,0 +1,121 @@
+"""Pool and pair `evaluate personalisation` reports: mean scores, and paired differences.
+
+  python -m hyperbooth.miniworld.compare A.json B.json@3.0 [--vs C.json D.json@3.0] [--json]
+
+Each argument is a report, or a report at one of its `--also-guidance` scales (`@G`, as the
+report spells it: `@3.0`); `FILE#KEY` is the report under KEY in a JSON that bundles several.
+The identities of every report named are pooled. With `--vs`, the two sides must hold the
+same identities in the same order (the same runs' seeds). Then each score's paired difference
+is printed: the mean of (left - right) per identity, +- its standard error. That is how
+docs/MINIWORLD.md compares settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+from hyperbooth.errors import HyperboothError
+
+SCORES = ("identity", "hidden", "prompt")
+
+
+def identity_scores(spec: str) -> list[tuple[int, dict[str, float]]]:
+    """(identity index, mean scores over its prompts) per identity of one `report[#KEY][@G]`."""
+    path, _, guidance = spec.partition("@")
+    path, _, key = path.partition("#")
+    try:
+        report = json.loads(Path(path).read_text())
+        rows = (report[key] if key else report)["identities"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise HyperboothError(
+            f"{path}: not an `evaluate personalisation` report ({error}); pass its --out JSON"
+        ) from None
+    out = []
+    for row in rows:
+        if not guidance:
+            out.append((row["identity"], {s: float(row["personalised"][s]) for s in SCORES}))
+            continue
+        scales = row.get("also_guidance", {})
+        if guidance not in scales:
+            raise HyperboothError(
+                f"{path} has no guidance {guidance!r} (it has {', '.join(scales) or 'none'}); "
+                "write it as the report does, e.g. @3.0"
+            )
+        by_prompt = scales[guidance]["personalised_by_prompt"]
+        out.append(
+            (row["identity"], {s: sum(p[s] for p in by_prompt) / len(by_prompt) for s in SCORES})
+        )
+    return out
+
+
+def pooled(specs: Sequence[str]) -> list[tuple[int, dict[str, float]]]:
+    """The identities of several reports, in the order given."""
+    return [row for spec in specs for row in identity_scores(spec)]
+
+
+def mean_and_error(values: Sequence[float]) -> tuple[float, float]:
+    """The mean and its standard error (0 for fewer than two values)."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, 0.0
+    variance = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(variance / n)
+
+
+def compare(left: Sequence[str], right: Sequence[str] = ()) -> dict:
+    """Mean scores of the pooled left side, and with a right side the paired differences."""
+    rows = pooled(left)
+    if not rows:
+        raise HyperboothError("the reports hold no identities")
+    result: dict = {
+        "identities": len(rows),
+        "mean": {s: mean_and_error([r[s] for _, r in rows]) for s in SCORES},
+    }
+    if right:
+        other = pooled(right)
+        if [i for i, _ in rows] != [i for i, _ in other]:
+            raise HyperboothError(
+                f"the two sides hold different identities ({len(rows)} against {len(other)}, "
+                "or another order); pair reports of the same --seed in the same order"
+            )
+        result["paired"] = {
+            s: mean_and_error([a[s] - b[s] for (_, a), (_, b) in zip(rows, other, strict=True)])
+            for s in SCORES
+        }
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Print pooled means and paired differences of personalisation reports."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "reports", nargs="+", help="report.json, report.json@G or bundle.json#KEY[@G]"
+    )
+    parser.add_argument("--vs", nargs="+", default=[], help="the reports to pair them with")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    args = parser.parse_args(argv)
+    try:
+        result = compare(args.reports, args.vs)
+    except HyperboothError as error:
+        raise SystemExit(f"error: {error}") from None
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    print(f"{result['identities']} identities")
+    for score, (mean, error) in result["mean"].items():
+        line = f"{score:>8}: {mean:.3f} +- {error:.3f}"
+        if "paired" in result:
+            diff, diff_error = result["paired"][score]
+            line += f"   paired: {diff:+.3f} +- {diff_error:.3f}"
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
