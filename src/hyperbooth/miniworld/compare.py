@@ -19,8 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from hyperbooth.errors import HyperboothError
-
-SCORES = ("identity", "hidden", "prompt")
+from hyperbooth.miniworld.evaluate import SCORES, mean_scores
 
 
 def identity_scores(spec: str) -> list[tuple[int, dict[str, float]]]:
@@ -34,22 +33,23 @@ def identity_scores(spec: str) -> list[tuple[int, dict[str, float]]]:
         raise HyperboothError(
             f"{path}: not an `evaluate personalisation` report ({error}); pass its --out JSON"
         ) from None
-    out = []
-    for row in rows:
+    try:
         if not guidance:
-            out.append((row["identity"], {s: float(row["personalised"][s]) for s in SCORES}))
-            continue
-        scales = row.get("also_guidance", {})
-        if guidance not in scales:
-            raise HyperboothError(
-                f"{path} has no guidance {guidance!r} (it has {', '.join(scales) or 'none'}); "
-                "write it as the report does, e.g. @3.0"
-            )
-        by_prompt = scales[guidance]["personalised_by_prompt"]
-        out.append(
-            (row["identity"], {s: sum(p[s] for p in by_prompt) / len(by_prompt) for s in SCORES})
-        )
-    return out
+            return [(row["identity"], mean_scores([row["personalised"]])) for row in rows]
+        out = []
+        for row in rows:
+            scales = row.get("also_guidance", {})
+            if guidance not in scales:
+                raise HyperboothError(
+                    f"{path} has no guidance {guidance!r} (it has {', '.join(scales) or 'none'}); "
+                    "write it as the report does, e.g. @3.0"
+                )
+            out.append((row["identity"], mean_scores(scales[guidance]["personalised_by_prompt"])))
+        return out
+    except (KeyError, TypeError, AttributeError) as error:
+        raise HyperboothError(
+            f"{path}: an identity row lacks {error}; pass an `evaluate personalisation` report"
+        ) from None
 
 
 def pooled(specs: Sequence[str]) -> list[tuple[int, dict[str, float]]]:
