@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -410,5 +412,13 @@ def test_compare_pools_reports_and_pairs_identities_by_hand(tmp_path, capsys):
     with pytest.raises(HyperboothError, match="no guidance '4.0'"):
         compare([f"{a}@4.0"])
     (tmp_path / "x.json").write_text("{}")
-    with pytest.raises(SystemExit, match="not an `evaluate personalisation` report"):
+    with pytest.raises(HyperboothError, match="not an `evaluate personalisation` report"):
         compare_main([str(tmp_path / "x.json")])
+    # Run as a module, that is one line on stderr and exit status 2, like every other verb.
+    run = subprocess.run(
+        [sys.executable, "-m", "hyperbooth.miniworld.compare", str(tmp_path / "x.json")],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 2 and run.stdout == ""
+    assert run.stderr.count("\n") == 1 and "not an `evaluate personalisation` report" in run.stderr

@@ -18,7 +18,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from hyperbooth.errors import HyperboothError
+from hyperbooth.errors import HyperboothError, run_module
 from hyperbooth.miniworld.evaluate import SCORES, mean_scores
 
 
@@ -101,10 +101,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--vs", nargs="+", default=[], help="the reports to pair them with")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args(argv)
-    try:
-        result = compare(args.reports, args.vs)
-    except HyperboothError as error:
-        raise SystemExit(f"error: {error}") from None
+    result = compare(args.reports, args.vs)
     if args.json:
         print(json.dumps(result, indent=2))
         return
@@ -118,4 +115,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_module(main, "hyperbooth.miniworld.compare")
