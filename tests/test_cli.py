@@ -92,6 +92,14 @@ def test_train_generate_round_trip(tmp_path, photo_dir, capsys):
     argv += ["--n", "1", "--steps", "2", "--subject-guidance", "2", "--out", str(guided)]
     assert main(argv) == 0
     assert json.loads(guided.with_suffix(".json").read_text())["subject_guidance"] == 2.0
+    # A negative prompt replaces the empty one in the guided pair: other pixels, recorded.
+    negative = tmp_path / "negative.png"
+    argv_negative = [*argv[:-2], "--negative-prompt", "a face in a hat", "--out", str(negative)]
+    assert main(argv_negative) == 0
+    assert json.loads(negative.with_suffix(".json").read_text())["negative_prompt"] == (
+        "a face in a hat"
+    )
+    assert not np.array_equal(np.asarray(Image.open(negative)), np.asarray(Image.open(guided)))
     capsys.readouterr()
     unguided = [*argv[:-2], "--guidance", "1", "--out", str(tmp_path / "unguided.png")]
     assert "needs classifier-free guidance above 1" in _error(capsys, unguided)

@@ -245,13 +245,17 @@ def test_personalisation_samples_at_the_guidance_it_is_given(toy_world, monkeypa
     seen = []
 
     def record(model, prompts, **kwargs):
-        seen.append(kwargs["guidance"])
+        seen.append((kwargs["guidance"], kwargs["steps"], kwargs.get("negative_prompt")))
         raise KeyboardInterrupt  # the base's images are drawn first; nothing else is needed
 
     monkeypatch.setattr(evaluate, "generate_images", record)
     with pytest.raises(KeyboardInterrupt):
         personalisation(base, judge, PersonalisationConfig(guidance=4.0), progress=False)
-    assert seen == [4.0]
+    config = PersonalisationConfig(sampling_steps=7, negative_reference=True)
+    with pytest.raises(KeyboardInterrupt):
+        personalisation(base, judge, config, progress=False)
+    negative = "a face with no headwear on a plain white background, medium shot, shaded"
+    assert seen == [(4.0, 20, None), (7.5, 7, negative)]
 
 
 @pytest.mark.parametrize("describe,rescale", [(False, 0), (True, 0), (True, 3)])
@@ -409,6 +413,12 @@ def test_compare_pools_reports_and_pairs_identities_by_hand(tmp_path, capsys):
     # Different identities cannot be paired; an absent scale or a non-report says what to pass.
     with pytest.raises(HyperboothError, match="different identities"):
         compare([b, a], [c])
+    # --first N: a one-identity run pairs with the first identity of a longer run of its seed.
+    with pytest.raises(HyperboothError, match="different identities"):
+        compare([a], [c])
+    assert compare([a], [c], first=1)["paired"]["identity"] == pytest.approx((0.1, 0.0))
+    with pytest.raises(HyperboothError, match="--first must be >= 1"):
+        compare([a], [c], first=0)
     with pytest.raises(HyperboothError, match="no guidance '4.0'"):
         compare([f"{a}@4.0"])
     (tmp_path / "x.json").write_text("{}")

@@ -243,3 +243,12 @@ def test_personalize_mask_flags_are_checked(tiny_base, tmp_path, capsys):
     assert "--hypernet-only has none" in capsys.readouterr().err
     assert cli(args + ["--mask", str(tmp_path / "mask.png"), "--json"]) == 0
     assert read_adapter_parts(out)["relaxed"].info["settings"]["mask_weight"] == 3.0
+
+
+def test_the_fine_tune_draws_batch_size_noises_of_the_photo_per_step(tiny_base, tmp_path):
+    plain = _relaxed(tiny_base, tmp_path, "plain")
+    batched = _relaxed(tiny_base, tmp_path, "batched", batch_size=2)
+    assert plain.keys() == batched.keys()
+    assert any(not torch.allclose(batched[key], plain[key], atol=1e-6) for key in plain)
+    with pytest.raises(HyperboothError, match="--batch-size must be >= 1"):
+        PersonalizeConfig(batch_size=0)

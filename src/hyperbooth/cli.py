@@ -497,6 +497,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         guidance=args.guidance,
         adapter_below=args.adapter_below,
         subject_scale=args.subject_guidance,
+        negative_prompt=args.negative_prompt,
     )
     seconds = time.perf_counter() - started
     save_png(image_grid(rows, labels=args.prompt), out)
@@ -512,6 +513,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         "guidance": args.guidance,
         "adapter_below": args.adapter_below,
         "subject_guidance": args.subject_guidance,
+        "negative_prompt": args.negative_prompt,
         "device": str(device),
         "seconds": round(seconds, 2),
         "grid": str(out),
@@ -768,6 +770,7 @@ def cmd_personalize(args: argparse.Namespace) -> None:
         rank=args.rank,
         steps=args.steps,
         learning_rate=args.lr,
+        batch_size=args.batch_size,
         token=args.token,
         class_name=args.class_name,
         prompt=args.prompt,
@@ -1100,6 +1103,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: plain guidance)",
     )
     p.add_argument(
+        "--negative-prompt",
+        default=None,
+        metavar="TEXT",
+        help="guide away from TEXT instead of from the empty prompt, e.g. the reference photo's "
+        "own context ('a face on a plain white background, medium shot')",
+    )
+    p.add_argument(
         "--out", required=True, help="grid .png (a .json with the settings is written beside it)"
     )
     p.set_defaults(func=cmd_generate)
@@ -1345,6 +1355,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, default=None, help="K (default: the hypernet's)")
     p.add_argument("--rank", type=int, default=4, help="rank of the relaxed LoRA")
     p.add_argument("--steps", type=int, default=40, help="fast fine-tune steps")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=1,
+        help="noise draws of the photo per fine-tune step (default 1)",
+    )
     p.add_argument(
         "--max-timestep",
         type=int,

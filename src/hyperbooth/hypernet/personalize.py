@@ -42,6 +42,8 @@ class PersonalizeConfig:
     rank: int = 4
     steps: int = 40
     learning_rate: float = 1e-3
+    # Noise draws of the photo per step: on a CPU a batch of B costs less than B steps of 1.
+    batch_size: int = 1
     token: str = "sks"
     class_name: str = "face"
     # The fine-tune's prompt; None: "a {token} {class_name}". Naming what the photo shows besides
@@ -64,8 +66,8 @@ class PersonalizeConfig:
     def __post_init__(self) -> None:
         if not (self.use_hypernet or self.fine_tune):
             raise HyperboothError("--no-hypernet and --hypernet-only together leave nothing to do")
-        if self.rank < 1 or self.steps < 1:
-            raise HyperboothError("--rank and --steps must be >= 1")
+        if self.rank < 1 or self.steps < 1 or self.batch_size < 1:
+            raise HyperboothError("--rank, --steps and --batch-size must be >= 1")
         if self.mask_weight and not self.fine_tune:
             raise HyperboothError("--mask weighs the fine-tune's loss; --hypernet-only has none")
         # A --prompt without the token, or a negative --mask-weight, fails here, before anything
@@ -159,6 +161,7 @@ def personalize(
         train_config = TrainConfig(
             steps=config.steps,
             learning_rate=config.learning_rate,
+            batch_size=config.batch_size,
             seed=config.seed,
             mixed_precision=config.mixed_precision,
             device=config.device,

@@ -7,7 +7,8 @@ report spells it: `@3.0`); `FILE#KEY` is the report under KEY in a JSON that bun
 The identities of every report named are pooled. With `--vs`, the two sides must hold the
 same identities in the same order (the same runs' seeds). Then each score's paired difference
 is printed: the mean of (left - right) per identity, +- its standard error. That is how
-docs/MINIWORLD.md compares settings.
+docs/MINIWORLD.md compares settings. `--first N` keeps each report's first N identities, so a
+short diagnostic run pairs with a longer run of the same seed.
 """
 
 from __future__ import annotations
@@ -52,9 +53,9 @@ def identity_scores(spec: str) -> list[tuple[int, dict[str, float]]]:
         ) from None
 
 
-def pooled(specs: Sequence[str]) -> list[tuple[int, dict[str, float]]]:
-    """The identities of several reports, in the order given."""
-    return [row for spec in specs for row in identity_scores(spec)]
+def pooled(specs: Sequence[str], first: int | None = None) -> list[tuple[int, dict[str, float]]]:
+    """The identities of several reports (each report's first `first` only), in the order given."""
+    return [row for spec in specs for row in identity_scores(spec)[:first]]
 
 
 def mean_and_error(values: Sequence[float]) -> tuple[float, float]:
@@ -67,9 +68,11 @@ def mean_and_error(values: Sequence[float]) -> tuple[float, float]:
     return mean, math.sqrt(variance / n)
 
 
-def compare(left: Sequence[str], right: Sequence[str] = ()) -> dict:
+def compare(left: Sequence[str], right: Sequence[str] = (), first: int | None = None) -> dict:
     """Mean scores of the pooled left side, and with a right side the paired differences."""
-    rows = pooled(left)
+    if first is not None and first < 1:
+        raise HyperboothError(f"--first must be >= 1, got {first}")
+    rows = pooled(left, first)
     if not rows:
         raise HyperboothError("the reports hold no identities")
     result: dict = {
@@ -77,7 +80,7 @@ def compare(left: Sequence[str], right: Sequence[str] = ()) -> dict:
         "mean": {s: mean_and_error([r[s] for _, r in rows]) for s in SCORES},
     }
     if right:
-        other = pooled(right)
+        other = pooled(right, first)
         if [i for i, _ in rows] != [i for i, _ in other]:
             raise HyperboothError(
                 f"the two sides hold different identities ({len(rows)} against {len(other)}, "
@@ -99,9 +102,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         "reports", nargs="+", help="report.json, report.json@G or bundle.json#KEY[@G]"
     )
     parser.add_argument("--vs", nargs="+", default=[], help="the reports to pair them with")
+    parser.add_argument(
+        "--first", type=int, default=None, metavar="N", help="only each report's first N identities"
+    )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args(argv)
-    result = compare(args.reports, args.vs)
+    result = compare(args.reports, args.vs, args.first)
     if args.json:
         print(json.dumps(result, indent=2))
         return

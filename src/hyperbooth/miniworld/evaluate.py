@@ -286,6 +286,7 @@ class PersonalisationConfig:
     identities: int = 20
     steps: int = 400
     learning_rate: float | None = None  # None: the method's default
+    batch_size: int = 1  # noise draws of the reference per fitting step
     images_per_prompt: int = 2
     sampling_steps: int = 20
     guidance: float = 7.5  # classifier-free guidance scale at sampling (subject and base alike)
@@ -305,6 +306,10 @@ class PersonalisationConfig:
     # Draw with the bare base following the prompt and the adapters adding the subject at this
     # scale (`adapters.inject.subject_guidance`); None: plain guidance.
     subject_guidance: float | None = None
+    # Draw (subject and base alike) guided away from the reference's context in words ("a face
+    # with no headwear on a plain white background, medium shot, shaded") instead of from the
+    # empty prompt: the negative prompt of a user who says what the photo looked like.
+    negative_reference: bool = False
     rescale_copies: int = 0  # SubjectConfig.rescale_copies (not for hyperdreambooth)
     # Fit with a prompt that also names the reference's context ("a sks face with no headwear on
     # a plain white background, medium shot, shaded"), so the base's own words explain the
@@ -430,6 +435,7 @@ def _fast_path(config: PersonalisationConfig) -> tuple[object, object]:
         rank=config.rank,
         steps=config.steps,
         learning_rate=config.learning_rate or PersonalizeConfig.learning_rate,
+        batch_size=config.batch_size,
         token=config.token,
         prompt=_instance_prompt(config),
         seed=config.seed,
@@ -470,6 +476,8 @@ def personalisation(
         "batch_size": 8,
         "progress": False,
     }  # and the guidance of each drawing
+    if config.negative_reference:
+        generate["negative_prompt"] = prompt_for(REFERENCE_CONTEXT.as_dict())
     hypernet = fast = None
     if config.method == "hyperdreambooth":  # before any work: a bad --hypernet fails at once
         hypernet, fast = _fast_path(config)
@@ -532,6 +540,7 @@ def personalisation(
                     TrainConfig(
                         steps=config.steps,
                         learning_rate=config.learning_rate,
+                        batch_size=config.batch_size,
                         seed=config.seed,
                         device="cpu",
                         lr_scheduler=config.lr_scheduler,
@@ -992,6 +1001,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="personalisation: the bare base follows the prompt, the UNet's adapters add the "
         "subject at scale S (default: plain guidance)",
     )
+    parser.add_argument(
+        "--negative-reference",
+        action="store_true",
+        help="personalisation: draw guided away from the reference's context in words (as a "
+        "negative prompt) instead of from the empty prompt",
+    )
     hyper = parser.add_argument_group("personalisation --method hyperdreambooth")
     hyper.add_argument(
         "--hypernet", default=None, help="train-hypernet's hypernet/ folder, or mini (built in)"
@@ -1004,7 +1019,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--guidance", type=float, default=7.5, help="obedience, personalisation: CFG scale"
     )
     parser.add_argument(
-        "--sampling-steps", type=int, default=20, help="obedience: DPM-Solver++ steps"
+        "--sampling-steps",
+        type=int,
+        default=20,
+        help="obedience, personalisation: DPM-Solver++ steps",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=1,
+        help="personalisation: noise draws of the reference per fitting step",
     )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--count", type=int, default=1000, help="identities: how many")
@@ -1046,6 +1070,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             identities=args.identities,
             steps=args.steps,
             learning_rate=args.learning_rate,
+            batch_size=args.batch_size,
             seed=args.seed,
             rank=args.rank,
             unet_targets=None if args.unet_targets is None else tuple(args.unet_targets),
@@ -1054,6 +1079,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             max_timestep=args.max_timestep,
             adapter_below=args.adapter_below,
             subject_guidance=args.subject_guidance,
+            negative_reference=args.negative_reference,
             rescale_copies=args.rescale,
             describe_reference=args.describe_reference,
             pivotal=args.pivotal,
@@ -1068,6 +1094,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             fine_tune=not args.hypernet_only,
             iterations=args.iterations,
             guidance=args.guidance,
+            sampling_steps=args.sampling_steps,
         )
         report = personalisation(base, judge, config)
     report["command"] = "python -m hyperbooth.miniworld.evaluate " + " ".join(
