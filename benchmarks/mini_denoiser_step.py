@@ -2,6 +2,8 @@
 
 python benchmarks/mini_denoiser_step.py --out docs/mini_denoiser_step.json
 python benchmarks/mini_denoiser_step.py --compile --out docs/mini_denoiser_step_compile.json
+python benchmarks/mini_denoiser_step.py --compile --batch 1 --repeats 30 \
+    --out docs/mini_denoiser_step_compile_batch1.json
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from contextlib import nullcontext
 
 import torch
 
+from hyperbooth.machine import machine_info
 from hyperbooth.miniworld.train_base import MiniConfig, build_models
 
 
@@ -45,10 +48,10 @@ def _step(unet, text, optimizer, latents, ids, precision: str):
     return step
 
 
-def _compiled(unet, text, optimizer, config: MiniConfig, repeats: int) -> dict:
+def _compiled(unet, text, optimizer, config: MiniConfig, repeats: int, batch: int = 32) -> dict:
     """Step times of the eager UNet and of torch.compile's, and the first compiled step's time."""
-    latents = torch.randn(32, config.latent_channels, 16, 16)
-    ids = torch.randint(0, 49000, (32, 77))
+    latents = torch.randn(batch, config.latent_channels, 16, 16)
+    ids = torch.randint(0, 49000, (batch, 77))
     eager = _time(_step(unet, text, optimizer, latents, ids, "fp32"), repeats)
     compiled = _step(torch.compile(unet), text, optimizer, latents, ids, "fp32")
     start = time.perf_counter()
@@ -56,8 +59,14 @@ def _compiled(unet, text, optimizer, config: MiniConfig, repeats: int) -> dict:
     first = time.perf_counter() - start
     seconds = _time(compiled, repeats)
     results = {
-        "batch32_tokens77_fp32_eager": {"seconds": eager, "samples_per_second": 32 / eager},
-        "batch32_tokens77_fp32_compiled": {"seconds": seconds, "samples_per_second": 32 / seconds},
+        f"batch{batch}_tokens77_fp32_eager": {
+            "seconds": eager,
+            "samples_per_second": batch / eager,
+        },
+        f"batch{batch}_tokens77_fp32_compiled": {
+            "seconds": seconds,
+            "samples_per_second": batch / seconds,
+        },
         "first_compiled_step_seconds": first,
         "torch": torch.__version__,
     }
@@ -98,18 +107,23 @@ def main() -> None:
     parser.add_argument(
         "--compile",
         action="store_true",
-        help="instead: batch 32, fp32, eager against torch.compile (inductor), compile time included",
+        help="instead: fp32 at --batch, eager against torch.compile (inductor), compile time "
+        "included",
     )
+    parser.add_argument("--batch", type=int, default=32, help="--compile: the batch size")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     config = MiniConfig()
     base = build_models(config)
     unet, text = base.unet.train(), base.text_encoder.eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4, fused=True)
-    measure = _compiled if args.compile else _settings
-    results = measure(unet, text, optimizer, config, args.repeats)
+    if args.compile:
+        results = _compiled(unet, text, optimizer, config, args.repeats, args.batch)
+    else:
+        results = _settings(unet, text, optimizer, config, args.repeats)
+    results["machine"] = machine_info(threads=args.threads)
     if args.out:
-        flag = "--compile " if args.compile else ""
+        flag = f"--compile --batch {args.batch} --repeats {args.repeats} " if args.compile else ""
         results["command"] = f"python benchmarks/mini_denoiser_step.py {flag}--out {args.out}"
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
