@@ -256,6 +256,8 @@ def test_personalisation_samples_at_the_guidance_it_is_given(toy_world, monkeypa
         personalisation(base, judge, config, progress=False)
     negative = "a face with no headwear on a plain white background, medium shot, shaded"
     assert seen == [(4.0, 20, None), (7.5, 7, negative)]
+    with pytest.raises(HyperboothError, match="--batch-size and --sampling-steps must be >= 1"):
+        personalisation(base, judge, PersonalisationConfig(batch_size=0), progress=False)
 
 
 @pytest.mark.parametrize("describe,rescale", [(False, 0), (True, 0), (True, 3)])
@@ -419,6 +421,24 @@ def test_compare_pools_reports_and_pairs_identities_by_hand(tmp_path, capsys):
     assert compare([a], [c], first=1)["paired"]["identity"] == pytest.approx((0.1, 0.0))
     with pytest.raises(HyperboothError, match="--first must be >= 1"):
         compare([a], [c], first=0)
+    # Per-prompt means and the mean fit time, when the reports hold them (by hand: two
+    # identities' prompt 0 identity 0.6 and 0.2 -> 0.4; fit 2 s and 4 s -> 3 s).
+    d = json.loads((tmp_path / "a.json").read_text()) | {"prompts": ["p0", "p1"]}
+    d["identities"][0] |= {"fit_seconds": 2.0, "stage_seconds": {"fine_tune": 1.0}}
+    e = json.loads((tmp_path / "b.json").read_text()) | {"prompts": ["p0", "p1"]}
+    e["identities"][0] |= {"fit_seconds": 4.0, "stage_seconds": {"fine_tune": 3.0}}
+    (tmp_path / "d.json").write_text(json.dumps(d))
+    (tmp_path / "e.json").write_text(json.dumps(e))
+    detailed = compare([f"{tmp_path / 'd.json'}@3.0", f"{tmp_path / 'e.json'}@3.0"])
+    assert [row["text"] for row in detailed["by_prompt"]] == ["p0", "p1"]
+    assert detailed["by_prompt"][0]["identity"] == pytest.approx(0.4)
+    assert detailed["fit_seconds"] == pytest.approx(3.0)
+    assert detailed["stage_seconds"] == {"fine_tune": pytest.approx(2.0)}
+    assert "by_prompt" not in compare([f"{a}@3.0"])  # no prompts stored: no per-prompt means
+    compare_main([f"{tmp_path / 'd.json'}@3.0", "--by-prompt"])
+    assert "fit: 2.00 s per identity (fine_tune 1.000)" in capsys.readouterr().out
+    with pytest.raises(HyperboothError, match="no per-prompt rows"):
+        compare_main([f"{a}@3.0", "--by-prompt"])
     with pytest.raises(HyperboothError, match="no guidance '4.0'"):
         compare([f"{a}@4.0"])
     (tmp_path / "x.json").write_text("{}")

@@ -8,7 +8,9 @@ The identities of every report named are pooled. With `--vs`, the two sides must
 same identities in the same order (the same runs' seeds). Then each score's paired difference
 is printed: the mean of (left - right) per identity, +- its standard error. That is how
 docs/MINIWORLD.md compares settings. `--first N` keeps each report's first N identities, so a
-short diagnostic run pairs with a longer run of the same seed.
+short diagnostic run pairs with a longer run of the same seed. The mean fit time (and, for
+hyperdreambooth, each stage's) is printed when the reports hold it; `--by-prompt` also prints
+the means per prompt.
 """
 
 from __future__ import annotations
@@ -23,30 +25,41 @@ from hyperbooth.errors import HyperboothError, run_module
 from hyperbooth.miniworld.evaluate import SCORES, mean_scores
 
 
-def identity_scores(spec: str) -> list[tuple[int, dict[str, float]]]:
-    """(identity index, mean scores over its prompts) per identity of one `report[#KEY][@G]`."""
+def _rows(spec: str) -> tuple[str, str, dict, list[dict]]:
+    """(path, guidance, report, identity rows) of one `report[#KEY][@G]`."""
     path, _, guidance = spec.partition("@")
     path, _, key = path.partition("#")
     try:
         report = json.loads(Path(path).read_text())
-        rows = (report[key] if key else report)["identities"]
+        report = report[key] if key else report
+        rows = report["identities"]
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise HyperboothError(
             f"{path}: not an `evaluate personalisation` report ({error}); pass its --out JSON"
         ) from None
+    return path, guidance, report, rows
+
+
+def _by_prompt(path: str, guidance: str, row: dict) -> list[dict[str, float]] | None:
+    """One identity's scores per prompt at the guidance asked for (None if not stored)."""
+    if not guidance:
+        return row.get("personalised_by_prompt")
+    scales = row.get("also_guidance", {})
+    if guidance not in scales:
+        raise HyperboothError(
+            f"{path} has no guidance {guidance!r} (it has {', '.join(scales) or 'none'}); "
+            "write it as the report does, e.g. @3.0"
+        )
+    return scales[guidance]["personalised_by_prompt"]
+
+
+def identity_scores(spec: str) -> list[tuple[int, dict[str, float]]]:
+    """(identity index, mean scores over its prompts) per identity of one `report[#KEY][@G]`."""
+    path, guidance, _, rows = _rows(spec)
     try:
         if not guidance:
             return [(row["identity"], mean_scores([row["personalised"]])) for row in rows]
-        out = []
-        for row in rows:
-            scales = row.get("also_guidance", {})
-            if guidance not in scales:
-                raise HyperboothError(
-                    f"{path} has no guidance {guidance!r} (it has {', '.join(scales) or 'none'}); "
-                    "write it as the report does, e.g. @3.0"
-                )
-            out.append((row["identity"], mean_scores(scales[guidance]["personalised_by_prompt"])))
-        return out
+        return [(row["identity"], mean_scores(_by_prompt(path, guidance, row))) for row in rows]
     except (KeyError, TypeError, AttributeError) as error:
         raise HyperboothError(
             f"{path}: an identity row lacks {error}; pass an `evaluate personalisation` report"
@@ -56,6 +69,34 @@ def identity_scores(spec: str) -> list[tuple[int, dict[str, float]]]:
 def pooled(specs: Sequence[str], first: int | None = None) -> list[tuple[int, dict[str, float]]]:
     """The identities of several reports (each report's first `first` only), in the order given."""
     return [row for spec in specs for row in identity_scores(spec)[:first]]
+
+
+def details(specs: Sequence[str], first: int | None = None) -> dict:
+    """Per-prompt means and mean fit (and stage) seconds over the pooled identities, if stored."""
+    texts, per_prompt, fits, stages = None, [], [], []
+    for spec in specs:
+        path, guidance, report, rows = _rows(spec)
+        for row in rows[:first]:
+            per_prompt.append(_by_prompt(path, guidance, row))
+            fits.append(row.get("fit_seconds"))
+            stages.append(row.get("stage_seconds"))
+        if texts is None or texts == report.get("prompts"):
+            texts = report.get("prompts")
+        else:
+            texts = []  # reports with other prompts: no per-prompt means
+    out: dict = {}
+    if texts and all(rows is not None and len(rows) == len(texts) for rows in per_prompt):
+        out["by_prompt"] = [
+            {"text": text, **mean_scores([rows[k] for rows in per_prompt])}
+            for k, text in enumerate(texts)
+        ]
+    if fits and None not in fits:
+        out["fit_seconds"] = sum(fits) / len(fits)
+    if stages and None not in stages:
+        out["stage_seconds"] = {
+            name: sum(stage[name] for stage in stages) / len(stages) for name in stages[0]
+        }
+    return out
 
 
 def mean_and_error(values: Sequence[float]) -> tuple[float, float]:
@@ -78,6 +119,7 @@ def compare(left: Sequence[str], right: Sequence[str] = (), first: int | None = 
     result: dict = {
         "identities": len(rows),
         "mean": {s: mean_and_error([r[s] for _, r in rows]) for s in SCORES},
+        **details(left, first),
     }
     if right:
         other = pooled(right, first)
@@ -105,6 +147,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--first", type=int, default=None, metavar="N", help="only each report's first N identities"
     )
+    parser.add_argument(
+        "--by-prompt", action="store_true", help="also print the left side's means per prompt"
+    )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args(argv)
     result = compare(args.reports, args.vs, args.first)
@@ -118,6 +163,19 @@ def main(argv: Sequence[str] | None = None) -> None:
             diff, diff_error = result["paired"][score]
             line += f"   paired: {diff:+.3f} +- {diff_error:.3f}"
         print(line)
+    if "fit_seconds" in result:
+        stages = result.get("stage_seconds", {})
+        parts = ", ".join(f"{name} {seconds:.3f}" for name, seconds in stages.items())
+        print(
+            f"     fit: {result['fit_seconds']:.2f} s per identity"
+            + (f" ({parts})" if parts else "")
+        )
+    if args.by_prompt:
+        if "by_prompt" not in result:
+            raise HyperboothError("the reports hold no per-prompt rows for the same prompts")
+        for row in result["by_prompt"]:
+            scores = "  ".join(f"{score} {row[score]:.3f}" for score in SCORES)
+            print(f"  {row['text'][:50]:<50}  {scores}")
 
 
 if __name__ == "__main__":

@@ -467,6 +467,8 @@ def personalisation(
             "--describe-subject starts a new word from a description: use it with "
             "--method textual-inversion or --pivotal"
         )
+    if config.batch_size < 1 or config.sampling_steps < 1:
+        raise HyperboothError("--batch-size and --sampling-steps must be >= 1")
     prompts = [subject_prompt(names, config.token) for names in EVALUATION_CONTEXTS]
     plain_prompts = [subject_prompt(names, token=None) for names in EVALUATION_CONTEXTS]
     generate = {
