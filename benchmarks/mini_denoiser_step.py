@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from contextlib import nullcontext
 
@@ -123,8 +124,7 @@ def main() -> None:
         results = _settings(unet, text, optimizer, config, args.repeats)
     results["machine"] = machine_info(threads=args.threads)
     if args.out:
-        flag = f"--compile --batch {args.batch} --repeats {args.repeats} " if args.compile else ""
-        results["command"] = f"python benchmarks/mini_denoiser_step.py {flag}--out {args.out}"
+        results["command"] = "python benchmarks/mini_denoiser_step.py " + " ".join(sys.argv[1:])
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
 

@@ -24,9 +24,11 @@ from pathlib import Path
 from hyperbooth.errors import HyperboothError, run_module
 from hyperbooth.miniworld.evaluate import SCORES, mean_scores
 
+Loaded = tuple[str, str, dict, list[dict]]  # path, guidance, report, identity rows
 
-def _rows(spec: str) -> tuple[str, str, dict, list[dict]]:
-    """(path, guidance, report, identity rows) of one `report[#KEY][@G]`."""
+
+def load(spec: str) -> Loaded:
+    """(path, guidance, report, identity rows) of one `report[#KEY][@G]`, read once."""
     path, _, guidance = spec.partition("@")
     path, _, key = path.partition("#")
     try:
@@ -53,9 +55,9 @@ def _by_prompt(path: str, guidance: str, row: dict) -> list[dict[str, float]] | 
     return scales[guidance]["personalised_by_prompt"]
 
 
-def identity_scores(spec: str) -> list[tuple[int, dict[str, float]]]:
-    """(identity index, mean scores over its prompts) per identity of one `report[#KEY][@G]`."""
-    path, guidance, _, rows = _rows(spec)
+def identity_scores(loaded: Loaded) -> list[tuple[int, dict[str, float]]]:
+    """(identity index, mean scores over its prompts) per identity of one loaded report."""
+    path, guidance, _, rows = loaded
     try:
         if not guidance:
             return [(row["identity"], mean_scores([row["personalised"]])) for row in rows]
@@ -66,28 +68,25 @@ def identity_scores(spec: str) -> list[tuple[int, dict[str, float]]]:
         ) from None
 
 
-def pooled(specs: Sequence[str], first: int | None = None) -> list[tuple[int, dict[str, float]]]:
+def pooled(
+    reports: Sequence[Loaded], first: int | None = None
+) -> list[tuple[int, dict[str, float]]]:
     """The identities of several reports (each report's first `first` only), in the order given."""
-    return [row for spec in specs for row in identity_scores(spec)[:first]]
+    return [row for loaded in reports for row in identity_scores(loaded)[:first]]
 
 
-def details(specs: Sequence[str], first: int | None = None) -> dict:
+def details(reports: Sequence[Loaded], first: int | None = None) -> dict:
     """Per-prompt means and mean fit (and stage) seconds over the pooled identities, if stored."""
-    texts, per_prompt, fits, stages = None, [], [], []
-    for spec in specs:
-        path, guidance, report, rows = _rows(spec)
-        for row in rows[:first]:
-            per_prompt.append(_by_prompt(path, guidance, row))
-            fits.append(row.get("fit_seconds"))
-            stages.append(row.get("stage_seconds"))
-        if texts is None or texts == report.get("prompts"):
-            texts = report.get("prompts")
-        else:
-            texts = []  # reports with other prompts: no per-prompt means
+    prompt_lists = {tuple(report.get("prompts") or ()) for _, _, report, _ in reports}
+    texts = prompt_lists.pop() if len(prompt_lists) == 1 else ()  # one prompt list, or none
+    rows = [(path, g, row) for path, g, _, rows in reports for row in rows[:first]]
+    per_prompt = [_by_prompt(path, g, row) for path, g, row in rows]
+    fits = [row.get("fit_seconds") for _, _, row in rows]
+    stages = [row.get("stage_seconds") for _, _, row in rows]
     out: dict = {}
-    if texts and all(rows is not None and len(rows) == len(texts) for rows in per_prompt):
+    if texts and all(scores is not None and len(scores) == len(texts) for scores in per_prompt):
         out["by_prompt"] = [
-            {"text": text, **mean_scores([rows[k] for rows in per_prompt])}
+            {"text": text, **mean_scores([scores[k] for scores in per_prompt])}
             for k, text in enumerate(texts)
         ]
     if fits and None not in fits:
@@ -113,16 +112,17 @@ def compare(left: Sequence[str], right: Sequence[str] = (), first: int | None = 
     """Mean scores of the pooled left side, and with a right side the paired differences."""
     if first is not None and first < 1:
         raise HyperboothError(f"--first must be >= 1, got {first}")
-    rows = pooled(left, first)
+    reports = [load(spec) for spec in left]
+    rows = pooled(reports, first)
     if not rows:
         raise HyperboothError("the reports hold no identities")
     result: dict = {
         "identities": len(rows),
         "mean": {s: mean_and_error([r[s] for _, r in rows]) for s in SCORES},
-        **details(left, first),
+        **details(reports, first),
     }
     if right:
-        other = pooled(right, first)
+        other = pooled([load(spec) for spec in right], first)
         if [i for i, _ in rows] != [i for i, _ in other]:
             raise HyperboothError(
                 f"the two sides hold different identities ({len(rows)} against {len(other)}, "
