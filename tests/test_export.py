@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from conftest import outputs, randomize
 from hyperbooth.adapters.config import DEFAULT_UNET_TARGETS, AdapterConfig
 from hyperbooth.adapters.export import export_adapter, to_diffusers, to_kohya
-from hyperbooth.adapters.files import save_adapter
+from hyperbooth.adapters.files import save_adapter, save_adapter_parts
 from hyperbooth.adapters.inject import adapted_layers, add_adapter
 from hyperbooth.errors import HyperboothError
 
@@ -265,3 +265,41 @@ def test_adapter_below_matches_plain_diffusers_switching_the_exported_lora(tiny_
     assert np.abs(theirs - ours[800]).max() <= 2
     # The switch matters: always on and never on both draw something else.
     assert np.abs(ours[800] - ours[None]).max() > 20 and np.abs(ours[800] - ours[0]).max() > 20
+
+
+def test_two_parts_on_different_layers_export_with_per_layer_ranks(tiny_base, tmp_path):
+    # HyperDreamBooth with the relaxed LoRA on fewer layers than the prediction: some layers
+    # carry rank 1 + 2, the others rank 1, and every tool must read both.
+    fresh, fresh_kohya = copy.deepcopy(tiny_base), copy.deepcopy(tiny_base)
+    base_out = outputs(tiny_base)
+    prediction = add_adapter(tiny_base, CONFIGS["lidb-conv"], name="prediction")
+    subset = AdapterConfig(
+        kind="lora",
+        rank=2,
+        unet_targets=(r"up_blocks\.\d+\.resnets\.\d+\.conv[12]",),
+        text_encoder_targets=(),
+    )
+    relaxed = add_adapter(tiny_base, subset, name="relaxed")
+    randomize(prediction, seed=1)
+    randomize(relaxed, seed=2)
+    adapted = outputs(tiny_base)
+    path = tmp_path / "subject.safetensors"
+    save_adapter_parts({"prediction": (prediction, {}), "relaxed": (relaxed, {})}, path)
+    ranks = {
+        down.shape[0]
+        for down, _ in _kohya_factors(export_adapter(path, "kohya", tmp_path / "k.safetensors"))
+    }
+    assert ranks == {1, 3}
+    _patch_like_comfyui(fresh_kohya, load_file(str(tmp_path / "k.safetensors")))
+    _assert_same_and_changed(outputs(fresh_kohya), adapted, base_out)
+    export_adapter(path, "diffusers", tmp_path / "exported", tiny_base)
+    pipe = _pipeline(fresh)
+    pipe.load_lora_weights(str(tmp_path / "exported"))
+    _assert_same_and_changed(outputs(pipe), adapted, base_out)
+
+
+def _kohya_factors(path) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(down, up) of every layer in a kohya file."""
+    tensors = load_file(str(path))
+    names = {key.split(".")[0] for key in tensors}
+    return [(tensors[f"{n}.lora_down.weight"], tensors[f"{n}.lora_up.weight"]) for n in names]
