@@ -20,6 +20,7 @@ dense weight changes (every adapted layer's scale * up @ down, concatenated):
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import tempfile
@@ -29,21 +30,15 @@ from pathlib import Path
 import torch
 from torch.nn.functional import cosine_similarity
 
-FITTED = "default"  # the name personalise gives a LoRA/LiDB method's adapter
+from hyperbooth.errors import HyperboothError, run_module
+
 REFIT_SEED = 1000  # a second fit of each image draws other noise: how much of a fit is the image
 
 
-def delta(base: object, name: str) -> torch.Tensor:
-    """One adapter's dense weight change over every adapted layer, flattened, in layer order."""
-    from hyperbooth.adapters.inject import adapted_layers
-
-    layers = adapted_layers(base)
+def dense(factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """An adapter's dense weight change over its layers (materialized factors), flattened."""
     return torch.cat(
-        [
-            (layer.scales[name] * layer.adapters[name].delta_weight()).detach().flatten()
-            for _, layer in sorted(layers.items())
-            if name in layer.adapters
-        ]
+        [(up.flatten(1) @ down.flatten(1)).flatten() for _, (down, up) in sorted(factors.items())]
     )
 
 
@@ -74,7 +69,7 @@ def geometry(predicted: torch.Tensor, fitted: torch.Tensor, refitted: torch.Tens
 
 def main() -> None:
     """Fit, predict, compare, write the JSON."""
-    from hyperbooth.adapters.inject import adapted_layers
+    from hyperbooth.adapters.files import read_adapter
     from hyperbooth.bases import load_base
     from hyperbooth.hypernet.model import load_hypernet
     from hyperbooth.hypernet.personalize import predict
@@ -98,7 +93,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     if args.identities < 2:
-        raise SystemExit("--identities must be at least 2: the identity parts need a mean")
+        raise HyperboothError("--identities must be at least 2: the identity parts need a mean")
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     base = load_base(args.base)
@@ -108,11 +103,11 @@ def main() -> None:
         for index, identity in enumerate(held_out_identities(args.identities, 0)):
             image = render(identity, REFERENCE_CONTEXT, index)
             prediction = predict(base, hypernet, image)
-            predicted.append(delta(base, prediction.name))
+            predicted.append(dense(prediction.materialize()))
             prediction.remove()
             for seed, into in ((index, fitted), (REFIT_SEED + index, refitted)):
-                personalise(
-                    base,
+                result = personalise(
+                    copy.deepcopy(base),  # the fit stays on the copy, as in benchmark.run_cell
                     [image],
                     Path(work) / f"{index}_{seed}",
                     "lidb",
@@ -121,10 +116,7 @@ def main() -> None:
                     TrainConfig(steps=args.steps, learning_rate=args.learning_rate, seed=seed),
                     progress=False,
                 )
-                into.append(delta(base, FITTED))  # the trained adapter stays on the base
-                for layer in adapted_layers(base).values():
-                    if FITTED in layer.adapters:
-                        layer.remove(FITTED)
+                into.append(dense(read_adapter(result.output).materialize()))
     report = {
         "command": " ".join(["python", *sys.argv]),
         "machine": machine_info(),
@@ -138,4 +130,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_module(main, "hypernet_prediction_geometry.py")

@@ -33,7 +33,9 @@ def _trainable_matching(pattern: re.Pattern):
 
 if __name__ == "__main__":
     if "TRAIN_ONLY" not in os.environ:
-        print(__doc__, file=sys.stderr)
-        raise SystemExit("error: set TRAIN_ONLY to a regex of the UNet parameter paths to train")
+        raise SystemExit(
+            "error: set TRAIN_ONLY to a regex of the UNet parameter paths to train, e.g. "
+            "TRAIN_ONLY='.*resnets.*conv[12]\\.(weight|bias)' (see the script's docstring)"
+        )
     dreambooth.DreamBooth.trainable = _trainable_matching(re.compile(os.environ["TRAIN_ONLY"]))
     main(sys.argv[1:])
