@@ -83,8 +83,102 @@ def test_a_pretrained_encoder_loads_by_path_stays_frozen_and_is_not_copied(tiny_
 
 def test_loss_weights_are_checked():
     HyperLossConfig(alpha=1.0, beta=0.0)
+    HyperLossConfig(alpha=0.0, beta=0.0, gamma=1.0)
     with pytest.raises(HyperboothError):
         HyperLossConfig(alpha=0.0, beta=0.0)
+    with pytest.raises(HyperboothError, match="--gamma"):
+        HyperLossConfig(gamma=-1.0)
+
+
+def _identity_set(base, hypernet, targets=None):
+    """Three identities whose pixels are constant i / 3 (so a batch's rows can be read back)."""
+    from hyperbooth.hypernet.train import IdentitySet
+
+    pixels = torch.arange(3.0).div(3).view(3, 1, 1, 1).expand(3, 3, 32, 32).contiguous()
+    if targets is None:  # the hypernetwork's own predictions
+        with torch.no_grad():
+            targets = {k: v.clone() for k, v in hypernet(pixels).items()}
+    channels, side = 4, base.resolution // 8
+    return IdentitySet(
+        names=["a", "b", "c"],
+        pixels=pixels,
+        latent_mean=torch.randn(3, channels, side, side),
+        latent_std=torch.full((3, channels, side, side), 0.1),
+        targets=targets,
+    )
+
+
+def test_the_distill_term_is_the_output_distance_to_the_fitted_weights(tiny_base, monkeypatch):
+    """Checked against the fitted LiDBs loaded one by one into an ordinary adapter."""
+    import hyperbooth.hypernet.train as module
+    from hyperbooth.hypernet.train import HyperNetTraining
+    from hyperbooth.methods.common import token_ids
+    from hyperbooth.training import StepBatch
+
+    hypernet = _hypernet(tiny_base)
+    with torch.no_grad():  # the prediction is exactly zero: the student is the base itself
+        hypernet.head_weight.zero_()
+        shapes = {k: v.shape for k, v in hypernet(torch.zeros(3, 3, 32, 32)).items()}
+    torch.manual_seed(1)
+    fitted = {k: torch.randn(shape) * 0.3 for k, shape in shapes.items()}
+    data = _identity_set(tiny_base, hypernet, fitted)
+    seen, drawn = [], []
+    hypernet.register_forward_pre_hook(lambda _, args: seen.append(args[0][:, 0, 0, 0]))
+    real = module.draw_noise
+
+    def spy(scheduler, latents, generator, max_timestep):
+        noise, timesteps = real(scheduler, latents, generator, max_timestep)
+        drawn.append((latents, noise, timesteps))
+        return noise, timesteps
+
+    monkeypatch.setattr(module, "draw_noise", spy)
+    loss = HyperLossConfig(alpha=0.0, beta=0.0, gamma=1.0)
+    training = HyperNetTraining(tiny_base, hypernet, data, loss, 2)
+    try:
+        training.loss(StepBatch(torch.Generator().manual_seed(0), 2))
+    finally:
+        training.adapter.remove()
+    index = (seen[0] * 3).round().long().tolist()
+    latents, noise, timesteps = drawn[0]
+    noisy = tiny_base.scheduler.add_noise(latents, noise, timesteps)
+    ids = token_ids(tiny_base, "a sks face")
+    squared = []
+    with torch.no_grad():
+        hidden = tiny_base.text_encoder(ids)[0].expand(len(index), -1, -1)
+        student = tiny_base.unet(noisy, timesteps, hidden).sample
+        for row, i in enumerate(index):
+            adapter = add_adapter(tiny_base, SMALL)
+            adapter.load_state_dict({k: v[i] for k, v in fitted.items()})
+            hidden = tiny_base.text_encoder(ids)[0]
+            teacher = tiny_base.unet(noisy[row : row + 1], timesteps[row : row + 1], hidden)
+            adapter.remove()
+            squared.append((student[row] - teacher.sample[0]).square().mean())
+    expected = torch.stack(squared).mean().item()
+    assert expected > 1e-6
+    assert training.log[-1]["distill"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_the_distill_term_is_zero_at_the_fitted_weights_and_trains_every_head(tiny_base):
+    from hyperbooth.hypernet.train import HyperNetTraining
+    from hyperbooth.training import StepBatch
+
+    hypernet = _hypernet(tiny_base)
+    with torch.no_grad():  # big enough that each layer's LiDB changes the UNet's output
+        hypernet.head_weight.mul_(100)
+    data = _identity_set(tiny_base, hypernet)
+    loss = HyperLossConfig(alpha=0.0, beta=0.0, gamma=1.0)
+    training = HyperNetTraining(tiny_base, hypernet, data, loss, 2)
+    try:
+        training.loss(StepBatch(torch.Generator().manual_seed(0), 2))
+        assert training.log[-1]["distill"] < 1e-10
+        with torch.no_grad():
+            data.targets = {k: torch.zeros_like(v) for k, v in data.targets.items()}
+        training.loss(StepBatch(torch.Generator().manual_seed(0), 2)).backward()
+    finally:
+        training.adapter.remove()
+    assert training.log[-1]["distill"] > 1e-6
+    grad = hypernet.head_weight.grad
+    assert grad is not None and bool((grad.flatten(1).abs().sum(1) > 0).all())  # every layer
 
 
 def _train(tmp_path, out: str, steps: int, *extra: str) -> int:
@@ -177,13 +271,13 @@ def test_views_are_drawn_as_diffusion_targets_with_their_captions(tiny_base, tmp
     data = load_identity_set(tiny_base, tmp_path / "faces", tmp_path / "pre", tmp_path / "views")
     assert data.views.of_identity == [[], [0, 1], []] and len(data.views.ids) == 2
     captured = []
-    real = module.diffusion_loss
+    real = module.draw_noise
 
-    def spy(unet, scheduler, latents, hidden, generator, **kwargs):
-        captured.append(kwargs["max_timestep"])
-        return real(unet, scheduler, latents, hidden, generator, **kwargs)
+    def spy(scheduler, latents, generator, max_timestep):
+        captured.append(max_timestep)
+        return real(scheduler, latents, generator, max_timestep)
 
-    monkeypatch.setattr(module, "diffusion_loss", spy)
+    monkeypatch.setattr(module, "draw_noise", spy)
     training = HyperNetTraining(
         tiny_base, _hypernet(tiny_base), data, HyperLossConfig(beta=0.0, max_timestep=300), 2
     )
@@ -217,7 +311,7 @@ def test_the_mini_hypernet_recipe_runs_every_stage_exports_float16_and_resumes(t
     recipe = {
         "identities": 3, "identities_per_step": 2, "precompute_steps": 2, "steps": 2,
         "batch_size": 2, "encoder_width": 16, "encoder_layers": 1, "width": 32,
-        "checkpoint_every": 1, "views_per_identity": 2, "max_timestep": 500,
+        "checkpoint_every": 1, "views_per_identity": 2, "max_timestep": 500, "gamma": 0.5,
         "adapter": {"kind": "lidb", "rank": 2, "lidb_a": 8, "lidb_b": 4,
         "unet_targets": [r".*resnets\.\d+\.conv[12]"], "text_encoder_targets": []},
     }  # fmt: skip
@@ -239,7 +333,8 @@ def test_the_mini_hypernet_recipe_runs_every_stage_exports_float16_and_resumes(t
     first = (tmp_path / "out" / "hypernet.safetensors").read_bytes()
     reproduce(argv)  # everything is done: the rerun resumes at the end and exports the same
     assert (tmp_path / "out" / "hypernet.safetensors").read_bytes() == first
-    assert len(json.loads((tmp_path / "work" / "train" / "loss_terms.json").read_text())) == 2
+    terms = json.loads((tmp_path / "work" / "train" / "loss_terms.json").read_text())
+    assert len(terms) == 2 and all(t["distill"] >= 0 for t in terms)
 
 
 def test_the_shipped_mini_hypernet_fits_mini_and_is_small():

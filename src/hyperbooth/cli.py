@@ -739,7 +739,11 @@ def cmd_train_hypernet(args: argparse.Namespace) -> None:
         iterations=args.iterations,
     )
     loss = HyperLossConfig(
-        alpha=args.alpha, beta=args.beta, prompt=args.prompt, max_timestep=args.max_timestep
+        alpha=args.alpha,
+        beta=args.beta,
+        gamma=args.gamma,
+        prompt=args.prompt,
+        max_timestep=args.max_timestep,
     )
     result, identities = train_hypernet(
         base, args.images, args.precomputed, args.out, config, loss, train_config, accelerator,
@@ -1315,6 +1319,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, default=4, help="K refinement steps")
     p.add_argument("--alpha", type=float, default=1.0, help="weight of the diffusion loss")
     p.add_argument("--beta", type=float, default=1.0, help="weight of the weight-space L2 loss")
+    p.add_argument(
+        "--gamma",
+        type=float,
+        default=0.0,
+        help="weight of the output-space loss: the UNet's prediction with the predicted weights "
+        "against its prediction with the pre-optimised ones, on the same noised latents "
+        "(default 0, as in the paper)",
+    )
     p.add_argument("--prompt", default="a sks face")
     p.add_argument(
         "--views",

@@ -45,6 +45,24 @@ def check_max_timestep(max_timestep: int | None, num_train_timesteps: int | None
         )
 
 
+def draw_noise(
+    scheduler: SchedulerMixin,
+    latents: torch.Tensor,
+    generator: torch.Generator,
+    max_timestep: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise like `latents` and one timestep per element in [0, max_timestep), from `generator`."""
+    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
+    noise = noise.to(latents.device, latents.dtype)
+    high = scheduler.config.num_train_timesteps
+    if max_timestep is not None:
+        if not 1 <= max_timestep <= high:
+            raise ValueError(f"max_timestep must be in [1, {high}], got {max_timestep}")
+        high = max_timestep
+    timesteps = torch.randint(0, high, (latents.shape[0],), generator=generator)
+    return noise, timesteps.to(latents.device)
+
+
 def diffusion_loss(
     unet: nn.Module,
     scheduler: SchedulerMixin,
@@ -63,15 +81,7 @@ def diffusion_loss(
     each element's mean to where it is 1 (Custom Diffusion's padded, shrunk images).
     Timesteps are drawn from [0, max_timestep) (default: every training timestep).
     """
-    batch = latents.shape[0]
-    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
-    noise = noise.to(latents.device, latents.dtype)
-    high = scheduler.config.num_train_timesteps
-    if max_timestep is not None:
-        if not 1 <= max_timestep <= high:
-            raise ValueError(f"max_timestep must be in [1, {high}], got {max_timestep}")
-        high = max_timestep
-    timesteps = torch.randint(0, high, (batch,), generator=generator).to(latents.device)
+    noise, timesteps = draw_noise(scheduler, latents, generator, max_timestep)
     return noised_loss(
         unet, scheduler, latents, encoder_hidden_states, noise, timesteps, reduce, mask
     )

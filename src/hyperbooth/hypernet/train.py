@@ -3,10 +3,17 @@
 Loss for a batch of identity images x with pre-optimised LiDB weights theta*:
 
     alpha * diffusion_loss(base + LiDB(theta_hat(x)), x, "a sks face") + beta * mean((theta_hat - theta*)^2)
+    + gamma * mean((eps(x_t; base + LiDB(theta_hat(x))) - eps(x_t; base + LiDB(theta*)))^2)
 
 Each batch element runs the frozen base with its own predicted LiDB (the per-sample adapter
 path, with the predicted tensors passed in by torch.func.functional_call so gradients reach the
-hypernetwork). Both terms are logged; beta = 0 is allowed.
+hypernetwork). Every term is logged; any of them may be 0.
+
+The third term (an extension of the paper, off by default) distils in function space: on the
+same noised latents, the UNet with the predicted weights should predict what it predicts with
+the pre-optimised ones. Its target is the fitted model's denoised estimate, not the drawn noise,
+so it is far less noisy than the diffusion term, and it ignores whatever part of a fitted LiDB
+does not change the UNet's output.
 
 Optional views (an extension of the paper, which reconstructs the input image itself): other
 captioned images of the same identity, `<views>/<identity>/<name>.png` + `<name>.txt`. The
@@ -23,6 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
@@ -30,7 +38,12 @@ from hyperbooth.adapters.config import AdapterConfig
 from hyperbooth.adapters.files import check_fits, read_adapter
 from hyperbooth.adapters.inject import add_adapter
 from hyperbooth.atomic import write_text
-from hyperbooth.diffusion import check_max_timestep, diffusion_loss, sample_latents
+from hyperbooth.diffusion import (
+    check_max_timestep,
+    diffusion_target,
+    draw_noise,
+    sample_latents,
+)
 from hyperbooth.errors import HyperboothError
 from hyperbooth.hypernet.model import HyperNetConfig, HyperNetwork, save_hypernet
 from hyperbooth.images import load_image, to_tensor
@@ -44,16 +57,19 @@ _NAME = "hypernet"  # the per-sample adapter's name inside the base
 
 @dataclass
 class HyperLossConfig:
-    """The two terms of the hypernetwork's loss and the prompt they use."""
+    """The terms of the hypernetwork's loss and the prompt they use."""
 
     alpha: float = 1.0  # diffusion loss with the predicted weights
     beta: float = 1.0  # mean squared distance to the pre-optimised weights
+    # mean squared distance between the UNet's outputs with predicted and pre-optimised weights
+    gamma: float = 0.0
     prompt: str = "a sks face"
     max_timestep: int | None = None  # the diffusion term's timesteps are below this (None: all)
 
     def __post_init__(self) -> None:
-        if self.alpha < 0 or self.beta < 0 or self.alpha + self.beta == 0:
-            raise HyperboothError("--alpha and --beta must be >= 0 and not both 0")
+        terms = (self.alpha, self.beta, self.gamma)
+        if min(terms) < 0 or sum(terms) == 0:
+            raise HyperboothError("--alpha, --beta and --gamma must be >= 0 and not all 0")
         check_max_timestep(self.max_timestep)
 
 
@@ -229,8 +245,21 @@ class HyperNetTraining:
         mean, std, ids = (torch.stack(parts) for parts in zip(*chosen, strict=True))
         return mean, std, ids
 
+    def _unet_output(
+        self, weights: dict[str, torch.Tensor], noisy: torch.Tensor, timesteps: torch.Tensor,
+        ids: torch.Tensor,
+    ) -> torch.Tensor:  # fmt: skip
+        """The UNet's prediction (float32) with each element's LiDB tensors `weights`."""
+        text_encoder = _WithParameters(
+            self.base.text_encoder, self._replacements(weights, "text_encoder")
+        )
+        hidden = text_encoder(ids.to(noisy.device))[0]
+        unet = _WithParameters(self.base.unet, self._replacements(weights, "unet"))
+        dtype = next(self.base.unet.parameters()).dtype
+        return unet(noisy.to(dtype), timesteps, hidden.to(dtype)).sample.float()
+
     def loss(self, batch: StepBatch) -> torch.Tensor:
-        """alpha * diffusion loss with predicted weights + beta * weight-space MSE."""
+        """alpha * diffusion loss + beta * weight-space MSE + gamma * output-space MSE."""
         if batch.batch_size != self.batch_size:
             raise HyperboothError(
                 f"the hypernetwork was set up for batch {self.batch_size}, got {batch.batch_size}"
@@ -247,19 +276,24 @@ class HyperNetTraining:
         weight_loss = torch.stack(squared).sum() / numbers
         total = self.config.beta * weight_loss
         diffusion = torch.zeros((), device=device)
-        if self.config.alpha > 0:
+        if self.config.alpha > 0 or self.config.gamma > 0:
+            scheduler = self.base.scheduler
             mean, std, ids = self._targets(index, g)
             latents = sample_latents(mean, std, g)
-            text_encoder = _WithParameters(
-                self.base.text_encoder, self._replacements(predicted, "text_encoder")
-            )
-            hidden = text_encoder(ids.to(device))[0]
-            unet = _WithParameters(self.base.unet, self._replacements(predicted, "unet"))
-            diffusion = diffusion_loss(
-                unet, self.base.scheduler, latents, hidden, g, max_timestep=self.config.max_timestep
-            )
+            noise, timesteps = draw_noise(scheduler, latents, g, self.config.max_timestep)
+            noisy = scheduler.add_noise(latents, noise, timesteps)
+            output = self._unet_output(predicted, noisy, timesteps, ids)
+            target = diffusion_target(scheduler, latents, noise, timesteps).float()
+            diffusion = F.mse_loss(output, target)
             total = total + self.config.alpha * diffusion
         terms = {"diffusion": diffusion.item(), "weights": weight_loss.item()}
+        if self.config.gamma > 0:
+            with torch.no_grad():
+                fitted = {key: target[index].to(device) for key, target in data.targets.items()}
+                teacher = self._unet_output(fitted, noisy, timesteps, ids)
+            distill = F.mse_loss(output, teacher)
+            total = total + self.config.gamma * distill
+            terms["distill"] = distill.item()
         self.log.append(terms)
         if self.log_file is not None:
             with open(self.log_file, "a") as f:

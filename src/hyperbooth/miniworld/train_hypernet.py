@@ -78,6 +78,7 @@ class HypernetRecipe:
     iterations: int = 4
     alpha: float = 1.0
     beta: float = 1.0
+    gamma: float = 0.0  # output-space distillation from the pre-optimised LiDB (0: as shipped)
     steps: int = 1000
     batch_size: int = 8  # per process
     lr: float = 2e-4
@@ -89,15 +90,16 @@ class HypernetRecipe:
 
 
 def plot_loss_terms(terms: list[dict[str, float]], path: Path, window: int = 50) -> None:
-    """Both loss terms against step (running means), as a PNG."""
+    """Each logged loss term against step (running means), as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import numpy as np
     from matplotlib import pyplot
 
-    figure, axes = pyplot.subplots(1, 2, figsize=(9, 3.2))
-    for axis, name in zip(axes, ("diffusion", "weights"), strict=True):
+    names = [name for name in ("diffusion", "weights", "distill") if terms and name in terms[0]]
+    figure, axes = pyplot.subplots(1, len(names), figsize=(4.5 * len(names), 3.2), squeeze=False)
+    for axis, name in zip(axes[0], names, strict=True):
         values = np.array([t[name] for t in terms])
         kernel = np.ones(min(window, len(values))) / min(window, len(values))
         axis.plot(np.convolve(values, kernel, mode="valid"))
@@ -180,7 +182,9 @@ def main(argv: list[str] | None = None) -> None:
         decoder_layers=recipe.decoder_layers,
         iterations=recipe.iterations,
     )
-    loss = HyperLossConfig(alpha=recipe.alpha, beta=recipe.beta, max_timestep=recipe.max_timestep)
+    loss = HyperLossConfig(
+        alpha=recipe.alpha, beta=recipe.beta, gamma=recipe.gamma, max_timestep=recipe.max_timestep
+    )
     resume = (work / "train" / "checkpoint").is_dir()
     views = work / "views" if recipe.views_per_identity else None
     result, identities = train_hypernet(
