@@ -36,3 +36,30 @@ def test_prediction_geometry_by_hand():
     assert g["cosine_identity_parts"] == pytest.approx([-half, -half])
     cos = (1.5 + 0.5) / (2**0.5 * (1.5**2 + 0.5**2) ** 0.5)
     assert g["cosine_identity_parts_fit_vs_refit"] == pytest.approx([cos, cos])
+
+
+def test_the_judge_encoder_gives_one_token_of_hidden_layer_and_trait_probabilities(tmp_path):
+    from hyperbooth.hypernet.model import HyperNetConfig, HyperNetwork, build_encoder
+    from hyperbooth.miniworld.judges import ATTRIBUTES, DEFAULT_JUDGE
+
+    module = script("hypernet_judge_encoder")
+    encoder = module.JudgeEncoder().eval()
+    token = encoder(torch.zeros(2, 3, 64, 64)).last_hidden_state
+    hidden = encoder.head.in_features
+    assert token.shape == (2, 1, hidden + sum(len(v) for v in ATTRIBUTES.values()))
+    # after the hidden layer, one probability block per attribute, each summing to 1
+    sizes = [len(v) for v in ATTRIBUTES.values()]
+    for block in token[:, 0, hidden:].split(sizes, dim=1):
+        assert torch.allclose(block.sum(1), torch.ones(2))
+    module.register()
+    import hyperbooth.hypernet.model as model
+
+    try:
+        for name in (module.NAME, f"judge:{DEFAULT_JUDGE}"):
+            config = HyperNetConfig(encoder=name, width=32, heads=2)
+            net = HyperNetwork(config, {"unet.layer": (8, 8)})
+            assert isinstance(net.encoder, module.JudgeEncoder) and not net.trains_encoder()
+    finally:
+        model.build_encoder = build_encoder
+    with pytest.raises(SystemExit, match="train` or `evaluate"):
+        module.main(["fit"])

@@ -246,9 +246,12 @@ class HyperNetTraining:
         return mean, std, ids
 
     def _unet_output(
-        self, weights: dict[str, torch.Tensor], noisy: torch.Tensor, timesteps: torch.Tensor,
+        self,
+        weights: dict[str, torch.Tensor],
+        noisy: torch.Tensor,
+        timesteps: torch.Tensor,
         ids: torch.Tensor,
-    ) -> torch.Tensor:  # fmt: skip
+    ) -> torch.Tensor:
         """The UNet's prediction (float32) with each element's LiDB tensors `weights`."""
         text_encoder = _WithParameters(
             self.base.text_encoder, self._replacements(weights, "text_encoder")
@@ -289,7 +292,7 @@ class HyperNetTraining:
         terms = {"diffusion": diffusion.item(), "weights": weight_loss.item()}
         if self.config.gamma > 0:
             with torch.no_grad():
-                fitted = {key: target[index].to(device) for key, target in data.targets.items()}
+                fitted = {key: stored[index].to(device) for key, stored in data.targets.items()}
                 teacher = self._unet_output(fitted, noisy, timesteps, ids)
             distill = F.mse_loss(output, teacher)
             total = total + self.config.gamma * distill
