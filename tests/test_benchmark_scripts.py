@@ -38,7 +38,7 @@ def test_prediction_geometry_by_hand():
     assert g["cosine_identity_parts_fit_vs_refit"] == pytest.approx([cos, cos])
 
 
-def test_the_judge_encoder_gives_one_token_of_hidden_layer_and_trait_probabilities(tmp_path):
+def test_the_judge_encoder_gives_one_token_of_hidden_layer_and_trait_probabilities():
     from hyperbooth.hypernet.model import HyperNetConfig, HyperNetwork, build_encoder
     from hyperbooth.miniworld.judges import ATTRIBUTES, DEFAULT_JUDGE
 

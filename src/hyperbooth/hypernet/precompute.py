@@ -27,7 +27,7 @@ from hyperbooth.adapters.config import AdapterConfig
 from hyperbooth.adapters.files import METADATA_KEY, adapter_metadata, atomic_save_safetensors
 from hyperbooth.adapters.inject import add_adapter
 from hyperbooth.atomic import write_text
-from hyperbooth.diffusion import check_max_timestep, noised_loss, sample_latents
+from hyperbooth.diffusion import check_max_timestep, draw_noise, noised_loss, sample_latents
 from hyperbooth.errors import HyperboothError
 from hyperbooth.images import collect_images, load_image
 from hyperbooth.methods.common import encode_images, token_ids
@@ -132,7 +132,6 @@ def fit_chunk(
         params = adapter.parameters()
         # A fresh optimiser per chunk; AdamW is elementwise, so identities never interact.
         optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
-        num_timesteps = config.max_timestep or base.scheduler.config.num_train_timesteps
         losses = torch.zeros(len(names))
         for step in range(config.steps):
             latents, noise, timesteps = [], [], []
@@ -140,8 +139,9 @@ def fit_chunk(
                 key = "" if config.shared_noise else name
                 generator = torch.Generator().manual_seed(_identity_seed(config.seed, key, step))
                 latents.append(sample_latents(mean[i : i + 1], std[i : i + 1], generator))
-                noise.append(torch.randn(latents[-1].shape, generator=generator))
-                timesteps.append(torch.randint(0, num_timesteps, (1,), generator=generator))
+                drawn = draw_noise(base.scheduler, latents[-1], generator, config.max_timestep)
+                noise.append(drawn[0])
+                timesteps.append(drawn[1])
             with autocast(device, config.mixed_precision):
                 hidden = base.text_encoder(ids)[0]
                 per_identity = noised_loss(

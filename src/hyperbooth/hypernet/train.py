@@ -209,6 +209,9 @@ class HyperNetTraining:
         for param in self.adapter.parameters():
             param.requires_grad_(False)  # only placeholders: the hypernetwork supplies the values
         self.parameter_names = self.adapter.module_parameter_names()
+        self.adapts_text = any(
+            owner == "text_encoder" for owner, _ in self.parameter_names.values()
+        )
         self.ids = token_ids(base, loss.prompt)
         self.log: list[dict[str, float]] = []
 
@@ -245,18 +248,21 @@ class HyperNetTraining:
         mean, std, ids = (torch.stack(parts) for parts in zip(*chosen, strict=True))
         return mean, std, ids
 
+    def _hidden(self, weights: dict[str, torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
+        """The text encoder's states for `ids` with each element's LiDB tensors `weights`."""
+        text_encoder = _WithParameters(
+            self.base.text_encoder, self._replacements(weights, "text_encoder")
+        )
+        return text_encoder(ids)[0]
+
     def _unet_output(
         self,
         weights: dict[str, torch.Tensor],
         noisy: torch.Tensor,
         timesteps: torch.Tensor,
-        ids: torch.Tensor,
+        hidden: torch.Tensor,
     ) -> torch.Tensor:
         """The UNet's prediction (float32) with each element's LiDB tensors `weights`."""
-        text_encoder = _WithParameters(
-            self.base.text_encoder, self._replacements(weights, "text_encoder")
-        )
-        hidden = text_encoder(ids.to(noisy.device))[0]
         unet = _WithParameters(self.base.unet, self._replacements(weights, "unet"))
         dtype = next(self.base.unet.parameters()).dtype
         return unet(noisy.to(dtype), timesteps, hidden.to(dtype)).sample.float()
@@ -285,7 +291,9 @@ class HyperNetTraining:
             latents = sample_latents(mean, std, g)
             noise, timesteps = draw_noise(scheduler, latents, g, self.config.max_timestep)
             noisy = scheduler.add_noise(latents, noise, timesteps)
-            output = self._unet_output(predicted, noisy, timesteps, ids)
+            ids = ids.to(device)
+            hidden = self._hidden(predicted, ids)
+            output = self._unet_output(predicted, noisy, timesteps, hidden)
             target = diffusion_target(scheduler, latents, noise, timesteps).float()
             diffusion = F.mse_loss(output, target)
             total = total + self.config.alpha * diffusion
@@ -293,7 +301,9 @@ class HyperNetTraining:
         if self.config.gamma > 0:
             with torch.no_grad():
                 fitted = {key: stored[index].to(device) for key, stored in data.targets.items()}
-                teacher = self._unet_output(fitted, noisy, timesteps, ids)
+                if self.adapts_text:  # else the text states do not depend on the weights
+                    hidden = self._hidden(fitted, ids)
+                teacher = self._unet_output(fitted, noisy, timesteps, hidden)
             distill = F.mse_loss(output, teacher)
             total = total + self.config.gamma * distill
             terms["distill"] = distill.item()
