@@ -379,3 +379,13 @@ def test_weights_fingerprint_follows_the_weights_not_their_dtype():
     with torch.no_grad():
         model[1].weight[0, 0, 0, 0] += 0.5
     assert weights_fingerprint(model) != before
+
+
+def test_weights_fingerprint_ignores_adapters_and_their_wrappers(tiny_base):
+    from hyperbooth.adapters.inject import weights_fingerprint
+
+    before = weights_fingerprint(tiny_base.unet)
+    adapter = add_adapter(tiny_base, AdapterConfig(kind="lora", rank=2), n_samples=2)
+    assert weights_fingerprint(tiny_base.unet) == before  # wrapped, adapter tensors present
+    adapter.remove()  # the wrappers stay, empty
+    assert weights_fingerprint(tiny_base.unet) == before

@@ -70,9 +70,20 @@ def base_fingerprint(layers: Mapping[str, nn.Module]) -> str:
 
 
 def weights_fingerprint(model: nn.Module) -> str:
-    """A hash of a model's weights as float16: equal for the same weights, whichever dtype holds them."""
+    """A hash of a model's own weights as float16: the same whichever dtype holds them, and
+    whether or not adapter wrappers (even removed ones) still hold its layers."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    adapter_prefixes = tuple(
+        f"{path}.adapters."
+        for path, module in model.named_modules()
+        if isinstance(module, AdaptedLayer)
+    )
+    own = {
+        name.replace(".base_layer.", "."): tensor
+        for name, tensor in model.state_dict().items()
+        if not name.startswith(adapter_prefixes)
+    }
+    for name, tensor in sorted(own.items()):
         digest.update(name.encode())
         digest.update(
             tensor.detach().to("cpu", torch.float16).contiguous().view(torch.uint8).numpy()
