@@ -6,10 +6,11 @@ it is never a result to ship or report as the method's; it bounds what a better 
 could give. If the prediction stays near the base even with perfect sight, what holds it back
 is what it is taught, not what it sees.
 
-The same wrapper takes any network of the judge's format, e.g. one trained on other renders
-with another seed (`python -m hyperbooth.miniworld.judges --out DIR --config CONFIG`): encoder
-name `judge:DIR`. That one is not the scorer, only trained like it: the miniature world's
-analogue of a face-recognition backbone.
+The same goes for any network of the judge's format, e.g. one trained on other renders with
+another seed (`python -m hyperbooth.miniworld.judges --out DIR --config CONFIG`): encoder name
+`judge:DIR`. That one is not the scorer, only trained like it: the miniature world's analogue
+of a face-recognition backbone, and the library's trait encoder (`mini-traits`, or any such
+folder by path: hyperbooth.miniworld.trait_encoder) is one; this script predates it.
 
 Two verbs run the library's own commands in this process with the encoder names `mini-judge`
 and `judge:DIR` registered (they exist only while this script runs):
@@ -26,9 +27,8 @@ and `judge:DIR` registered (they exist only while this script runs):
 from __future__ import annotations
 
 import sys
-from types import SimpleNamespace
+from dataclasses import replace
 
-import torch
 from torch import nn
 
 from hyperbooth.errors import run_module
@@ -36,40 +36,23 @@ from hyperbooth.errors import run_module
 NAME = "mini-judge"  # the shipped judge; "judge:DIR" is the judge-format network in DIR
 
 
-class JudgeEncoder(nn.Module):
-    """Images (B, 3, 64, 64) in [-1, 1] -> one token: the judge's hidden layer + trait probabilities."""
-
-    def __init__(self, folder: str | None = None) -> None:
-        """folder: a judge-format network (default: the shipped judge)."""
-        super().__init__()
-        from hyperbooth.miniworld.judges import DEFAULT_JUDGE, Judge, split_logits
-
-        net = Judge.load(folder or DEFAULT_JUDGE).net
-        self.body, self.head, self.split = net.body, net.head, split_logits
-        self.width = net.head.in_features + net.head.out_features
-
-    def forward(self, pixel_values: torch.Tensor) -> SimpleNamespace:
-        """A transformers-like output whose last_hidden_state is (B, 1, width)."""
-        hidden = self.body(pixel_values)
-        probabilities = [p.softmax(1) for p in self.split(self.head(hidden)).values()]
-        token = torch.cat([hidden, *probabilities], dim=1)
-        return SimpleNamespace(last_hidden_state=token[:, None])
-
-
 def register() -> None:
-    """Make HyperNetwork build JudgeEncoder for the encoder names `mini-judge` and `judge:DIR`."""
+    """Make HyperNetwork read through the judge-format network that `mini-judge` / `judge:DIR` name.
+
+    The library takes such a folder by path already (hyperbooth.miniworld.trait_encoder); the
+    names only keep the scorer out of the library's vocabulary and old commands working.
+    """
     import hyperbooth.hypernet.model as model
+    from hyperbooth.miniworld.judges import DEFAULT_JUDGE
 
     original = model.build_encoder
 
     def build_encoder(config: model.HyperNetConfig) -> tuple[nn.Module, int]:
         if config.encoder == NAME:
-            encoder = JudgeEncoder()
-        elif config.encoder.startswith("judge:"):
-            encoder = JudgeEncoder(config.encoder.removeprefix("judge:"))
-        else:
-            return original(config)
-        return encoder, encoder.width
+            return original(replace(config, encoder=str(DEFAULT_JUDGE)))
+        if config.encoder.startswith("judge:"):
+            return original(replace(config, encoder=config.encoder.removeprefix("judge:")))
+        return original(config)
 
     model.build_encoder = build_encoder
 

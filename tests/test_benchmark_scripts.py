@@ -38,19 +38,12 @@ def test_prediction_geometry_by_hand():
     assert g["cosine_identity_parts_fit_vs_refit"] == pytest.approx([cos, cos])
 
 
-def test_the_judge_encoder_gives_one_token_of_hidden_layer_and_trait_probabilities():
+def test_the_judge_encoder_script_names_the_judge_and_judge_format_folders():
     from hyperbooth.hypernet.model import HyperNetConfig, HyperNetwork, build_encoder
-    from hyperbooth.miniworld.judges import ATTRIBUTES, DEFAULT_JUDGE
+    from hyperbooth.miniworld.judges import DEFAULT_JUDGE
+    from hyperbooth.miniworld.trait_encoder import TraitEncoder
 
     module = script("hypernet_judge_encoder")
-    encoder = module.JudgeEncoder().eval()
-    token = encoder(torch.zeros(2, 3, 64, 64)).last_hidden_state
-    hidden = encoder.head.in_features
-    assert token.shape == (2, 1, hidden + sum(len(v) for v in ATTRIBUTES.values()))
-    # after the hidden layer, one probability block per attribute, each summing to 1
-    sizes = [len(v) for v in ATTRIBUTES.values()]
-    for block in token[:, 0, hidden:].split(sizes, dim=1):
-        assert torch.allclose(block.sum(1), torch.ones(2))
     module.register()
     import hyperbooth.hypernet.model as model
 
@@ -58,7 +51,8 @@ def test_the_judge_encoder_gives_one_token_of_hidden_layer_and_trait_probabiliti
         for name in (module.NAME, f"judge:{DEFAULT_JUDGE}"):
             config = HyperNetConfig(encoder=name, width=32, heads=2)
             net = HyperNetwork(config, {"unet.layer": (8, 8)})
-            assert isinstance(net.encoder, module.JudgeEncoder) and not net.trains_encoder()
+            assert isinstance(net.encoder, TraitEncoder) and not net.trains_encoder()
+            assert net.config.encoder == name  # the name is what the saved file records
     finally:
         model.build_encoder = build_encoder
     with pytest.raises(SystemExit, match="train` or `evaluate"):

@@ -15,6 +15,7 @@ from hyperbooth.cli import main as cli
 from hyperbooth.errors import HyperboothError
 from hyperbooth.hypernet.model import HyperNetConfig, HyperNetwork, load_hypernet, save_hypernet
 from hyperbooth.hypernet.train import HyperLossConfig
+from hyperbooth.miniworld.trait_encoder import TraitEncoder
 from test_precompute import SMALL, _faces
 
 TINY_HYPER = {"image_size": 32, "encoder_width": 32, "encoder_layers": 1, "width": 32, "heads": 2}
@@ -306,6 +307,7 @@ def test_views_are_drawn_as_diffusion_targets_with_their_captions(tiny_base, tmp
 
 
 def test_the_mini_hypernet_recipe_runs_every_stage_exports_float16_and_resumes(tmp_path):
+    from hyperbooth.bases import load_base
     from hyperbooth.miniworld.train_hypernet import main as reproduce
 
     recipe = {
@@ -314,11 +316,19 @@ def test_the_mini_hypernet_recipe_runs_every_stage_exports_float16_and_resumes(t
         "checkpoint_every": 1, "views_per_identity": 2, "max_timestep": 500, "gamma": 0.5,
         "adapter": {"kind": "lidb", "rank": 2, "lidb_a": 8, "lidb_b": 4,
         "unet_targets": [r".*resnets\.\d+\.conv[12]"], "text_encoder_targets": []},
+        "trait_encoder": {"examples": 64, "epochs": 1, "batch": 32, "eval_examples": 32,
+                          "channels": [8, 8, 8, 8], "hidden": 16, "mixed_precision": "no"},
     }  # fmt: skip
     (tmp_path / "recipe.json").write_text(json.dumps(recipe))
     argv = ["--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"), "--base",
-            "tiny-random", "--config", str(tmp_path / "recipe.json")]  # fmt: skip
+            "tiny-random", "--config", str(tmp_path / "recipe.json"),
+            "--encoder-out", str(tmp_path / "encoder")]  # fmt: skip
     reproduce(argv)
+    # the trait encoder: the recipe's settings over the shipped run's (seed 1, no held-out)
+    encoder_info = json.loads((tmp_path / "encoder" / "judge.json").read_text())
+    assert encoder_info["config"]["hidden"] == 16 and encoder_info["config"]["seed"] == 1
+    assert encoder_info["config"]["exclude_held_out"] is True
+    encoder_bytes = (tmp_path / "encoder" / "judge.safetensors").read_bytes()
     assert len(list((tmp_path / "work" / "pre").glob("*.safetensors"))) == 3
     assert len(list((tmp_path / "work" / "views").glob("*/*.png"))) == 6
     settings = json.loads((tmp_path / "work" / "pre" / "settings.json").read_text())
@@ -328,22 +338,41 @@ def test_the_mini_hypernet_recipe_runs_every_stage_exports_float16_and_resumes(t
     assert (tmp_path / "out" / "loss.png").is_file()
     hypernet = load_hypernet(tmp_path / "out")
     assert hypernet.config.adapter.rank == 2 and hypernet.head_weight.dtype == torch.float32
-    info = json.loads((tmp_path / "out" / "hypernet.json").read_text())["info"]
-    assert info["identities"] == 3 and set(info["seconds"]) == {"identities", "precompute", "train"}
+    meta = json.loads((tmp_path / "out" / "hypernet.json").read_text())
+    info = meta["info"]
+    assert set(info["seconds"]) == {"identities", "encoder", "precompute", "train"}
+    assert info["identities"] == 3 and set(info["trait_encoder"]) == {"accuracy", "seconds"}
+    # the fingerprint of the base's own weights (not of the base with adapters wrapped in)
+    assert info["base_unet"] == weights_fingerprint(load_base("tiny-random").unet)
+    # the frozen encoder is referenced by its folder, not copied into the file
+    assert meta["config"]["encoder"] == str(tmp_path / "encoder")
+    assert not any(key.startswith("encoder.") for key in stored)
+    assert isinstance(hypernet.encoder, TraitEncoder)
     first = (tmp_path / "out" / "hypernet.safetensors").read_bytes()
+    (tmp_path / "encoder" / "judge.safetensors").write_bytes(b"stale")  # reinstalled from work
     reproduce(argv)  # everything is done: the rerun resumes at the end and exports the same
     assert (tmp_path / "out" / "hypernet.safetensors").read_bytes() == first
+    assert (tmp_path / "encoder" / "judge.safetensors").read_bytes() == encoder_bytes
     terms = json.loads((tmp_path / "work" / "train" / "loss_terms.json").read_text())
     assert len(terms) == 2 and all(t["distill"] >= 0 for t in terms)
 
 
 def test_the_shipped_mini_hypernet_fits_mini_and_is_small():
     from hyperbooth.bases import load_base
-    from hyperbooth.hypernet.model import BUILT_IN
+    from hyperbooth.hypernet.model import BUILT_IN, BUILT_IN_ENCODERS
+    from hyperbooth.miniworld.judges import DEFAULT_JUDGE
 
     folder = BUILT_IN["mini"]
-    assert sum(f.stat().st_size for f in folder.iterdir()) <= 20 * 2**20
     hypernet = load_hypernet("mini")
+    # it reads faces through the shipped trait encoder, which is not the scorer (the judge)
+    assert hypernet.config.encoder == "mini-traits" and isinstance(hypernet.encoder, TraitEncoder)
+    encoder_folder = BUILT_IN_ENCODERS["mini-traits"]
+    encoder_info = json.loads((encoder_folder / "judge.json").read_text())
+    judge_info = json.loads((DEFAULT_JUDGE / "judge.json").read_text())
+    assert encoder_info["config"]["seed"] != judge_info["config"]["seed"]
+    assert encoder_info["config"]["exclude_held_out"] is True
+    files = [*folder.iterdir(), *encoder_folder.iterdir()]
+    assert sum(f.stat().st_size for f in files) <= 20 * 2**20
     info = json.loads((folder / "hypernet.json").read_text())["info"]
     assert info["identities"] >= 1000
     base = load_base("mini")
@@ -429,3 +458,69 @@ def test_the_mini_encoder_by_name_says_how_to_make_it_when_absent(tiny_base, tmp
     monkeypatch.setitem(model.BUILT_IN_ENCODERS, "mini-encoder", tmp_path / "absent")
     with pytest.raises(HyperboothError, match="not installed; train it"):
         _hypernet(tiny_base, encoder="mini-encoder")
+
+
+def _tiny_judge_folder(folder) -> None:
+    from dataclasses import asdict
+
+    from hyperbooth.miniworld.judges import Judge, JudgeConfig, JudgeNet
+
+    torch.manual_seed(0)
+    config = JudgeConfig(channels=(8, 8, 8, 8), hidden=16)
+    Judge(
+        JudgeNet(config.channels, config.repeats, config.hidden), {"config": asdict(config)}
+    ).save(folder)
+
+
+def test_a_judge_format_folder_is_a_frozen_encoder_of_one_trait_token(
+    tiny_base, tmp_path, monkeypatch
+):
+    from hyperbooth.hypernet import model
+    from hyperbooth.miniworld.judges import ATTRIBUTES
+    from hyperbooth.miniworld.train_hypernet import encoder_name
+    from hyperbooth.miniworld.trait_encoder import TRAIT_ENCODER, TRAIT_ENCODER_FOLDER
+
+    _tiny_judge_folder(tmp_path / "traits")
+    monkeypatch.setitem(model.BUILT_IN_ENCODERS, "mini-traits", tmp_path / "traits")
+    for name in (str(tmp_path / "traits"), "mini-traits"):
+        hypernet = _hypernet(tiny_base, encoder=name)
+        assert isinstance(hypernet.encoder, TraitEncoder) and not hypernet.trains_encoder()
+    sizes = [len(v) for v in ATTRIBUTES.values()]
+    with torch.no_grad():  # 32 px images are resized to the 64 px the network reads
+        token = hypernet.encoder(torch.rand(2, 3, 32, 32) * 2 - 1).last_hidden_state
+    assert (
+        token.shape == (2, 1, 16 + sum(sizes)) and hypernet.project.in_features == token.shape[-1]
+    )
+    for block in token[:, 0, 16:].split(sizes, dim=1):  # one probability block per attribute
+        assert torch.allclose(block.sum(1), torch.ones(2))
+    save_hypernet(hypernet, tmp_path / "h")
+    assert not any(
+        k.startswith("encoder.") for k in load_file(str(tmp_path / "h" / "hypernet.safetensors"))
+    )
+    again = load_hypernet(tmp_path / "h")
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        a, b = hypernet.eval()(images), again.eval()(images)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert encoder_name(TRAIT_ENCODER_FOLDER) == TRAIT_ENCODER
+    assert encoder_name(tmp_path / "traits") == str(tmp_path / "traits")
+    monkeypatch.setitem(model.BUILT_IN_ENCODERS, "mini-traits", tmp_path / "absent")
+    with pytest.raises(
+        HyperboothError,
+        match="not installed; train it with `python -m hyperbooth.miniworld.train_hypernet",
+    ):
+        _hypernet(tiny_base, encoder="mini-traits")
+
+
+def test_judge_renders_can_leave_out_the_held_out_identities():
+    from hyperbooth.miniworld.judges import ATTRIBUTES, render_examples
+    from hyperbooth.miniworld.render import TRAITS, Identity, held_out
+
+    def identities(labels):
+        return [Identity(*row[: len(TRAITS)].tolist()) for row in labels]
+
+    _, every = render_examples(300, seed=5, progress=False)
+    _, kept = render_examples(300, seed=5, progress=False, exclude_held_out=True)
+    assert every.shape == kept.shape == (300, len(ATTRIBUTES))
+    assert any(held_out(i) for i in identities(every))  # about 1%: 300 draws find some
+    assert not any(held_out(i) for i in identities(kept))

@@ -1305,8 +1305,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--encoder",
         default="scratch-vit",
-        help="scratch-vit (a small ViT trained from scratch) or a transformers vision model "
-        "name / local folder (ViT, CLIP, DINOv2)",
+        help="scratch-vit (a small ViT trained from scratch), mini-traits (mini's trait encoder), "
+        "a transformers vision model name / local folder (ViT, CLIP, DINOv2), or a folder with "
+        "a judge-format network (judge.safetensors + judge.json)",
     )
     p.add_argument(
         "--train-encoder", action="store_true", help="fine-tune a pretrained encoder too"

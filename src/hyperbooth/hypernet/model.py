@@ -7,8 +7,9 @@
 
 The encoder is any transformers vision model given by name or local path (ViT, CLIP vision,
 DINOv2...: its last_hidden_state tokens; a convolutional net's feature map, one token per
-cell), frozen by default; for `mini`, a small ViT trained from scratch with the rest (or the
-identity encoder `mini-encoder`, which its recipe writes). The predicted tensors are keyed exactly as the adapter's own
+cell), frozen by default, or a network of the miniature world's judge format; for `mini`, the
+trait encoder `mini-traits` (shipped, frozen), a small ViT trained from scratch with the rest,
+or the contrastive identity encoder `mini-encoder`, which its recipe writes. The predicted tensors are keyed exactly as the adapter's own
 (`<component>.<path>.lidb_a_train`), so they load, save and export like any fitted LiDB.
 """
 
@@ -25,11 +26,18 @@ from hyperbooth.adapters.config import AdapterConfig
 from hyperbooth.errors import HyperboothError
 
 SCRATCH_VIT = "scratch-vit"  # a small ViT with random weights, trained with the hypernetwork
-# Encoders known by name: mini's identity encoder (a transformers ResNet trained contrastively
-# on the miniature world). It is not shipped (it did not beat the scratch ViT, docs/
-# HYPERDREAMBOOTH.md); `python -m hyperbooth.miniworld.train_encoder` writes it to this folder.
+_MINI_WEIGHTS = Path(__file__).parents[1] / "miniworld" / "weights"
+# Encoders known by name: folder and the command that writes it. `mini-traits` (shipped) reads
+# traits like the judge, trained on its own renders (hyperbooth.miniworld.trait_encoder);
+# `mini-encoder` (a transformers ResNet trained contrastively, not shipped: it did not beat the
+# scratch ViT, docs/HYPERDREAMBOOTH.md).
 BUILT_IN_ENCODERS = {
-    "mini-encoder": Path(__file__).parents[1] / "miniworld" / "weights" / "mini-encoder"
+    "mini-traits": _MINI_WEIGHTS / "mini-traits",
+    "mini-encoder": _MINI_WEIGHTS / "mini-encoder",
+}
+_ENCODER_COMMANDS = {
+    "mini-traits": "python -m hyperbooth.miniworld.train_hypernet --work runs/hdb",
+    "mini-encoder": "python -m hyperbooth.miniworld.train_encoder --work runs/encoder",
 }
 
 
@@ -90,11 +98,16 @@ def build_encoder(config: HyperNetConfig) -> tuple[nn.Module, int]:
             intermediate_size=4 * config.encoder_width,
         )
         return ViTModel(vit, add_pooling_layer=False), config.encoder_width
+    from hyperbooth.miniworld.trait_encoder import TraitEncoder, is_trait_encoder
+
     source = BUILT_IN_ENCODERS.get(config.encoder, config.encoder)
+    if is_trait_encoder(source):  # a network of the judge's format (mini-traits)
+        encoder = TraitEncoder(source)
+        return encoder, encoder.width
     if config.encoder in BUILT_IN_ENCODERS and not Path(source, "config.json").is_file():
         raise HyperboothError(
             f"the {config.encoder} encoder is not installed; train it with "
-            f"`python -m hyperbooth.miniworld.train_encoder --work runs/encoder` (writes {source})"
+            f"`{_ENCODER_COMMANDS[config.encoder]}` (writes {source})"
         )
     try:
         model = AutoModel.from_pretrained(source, use_safetensors=True)

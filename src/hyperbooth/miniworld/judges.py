@@ -42,6 +42,7 @@ from hyperbooth.miniworld.render import (
     TRAITS,
     Context,
     Identity,
+    held_out,
     pair_box,
     random_context,
     random_identity,
@@ -74,6 +75,9 @@ class JudgeConfig:
     eval_examples: int = 4000
     seed: int = 0
     threads: int = 2
+    # never train on the identities kept for demos and benchmarks (the shipped judge does:
+    # it is the scorer; a trait encoder the hypernetwork reads through must not)
+    exclude_held_out: bool = False
 
 
 class JudgeNet(nn.Module):
@@ -253,21 +257,34 @@ FRAMING_COLUMN = list(ATTRIBUTES).index("framing")
 
 
 def render_examples(
-    count: int, seed: int, pair_fraction: float = 0.0, desc: str = "render", progress: bool = True
+    count: int,
+    seed: int,
+    pair_fraction: float = 0.0,
+    desc: str = "render",
+    progress: bool = True,
+    exclude_held_out: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """count random renders (uint8 NHWC) and labels (count, len(ATTRIBUTES)).
 
     A share `pair_fraction` are one face cut from a two-face render (`pair_halves`), labelled
-    with that face's traits and the context, framing IGNORE.
+    with that face's traits and the context, framing IGNORE. `exclude_held_out` redraws every
+    identity that `render.held_out` reserves for demos and benchmarks.
     """
     rng = np.random.default_rng([seed, 0x6A75])  # "ju"
+
+    def draw() -> Identity:
+        identity = random_identity(rng)
+        while exclude_held_out and held_out(identity):
+            identity = random_identity(rng)
+        return identity
+
     images = np.empty((count, SIZE, SIZE, 3), np.uint8)
     labels = np.empty((count, len(ATTRIBUTES)), np.int64)
     for i in tqdm(range(count), desc=desc, disable=not progress):
-        identity, context = random_identity(rng), random_context(rng)
+        identity, context = draw(), random_context(rng)
         render_seed = int(rng.integers(SEED_RANGE))
         if rng.random() < pair_fraction:
-            other, side = random_identity(rng), int(rng.integers(2))
+            other, side = draw(), int(rng.integers(2))
             faces = (identity, other) if side == 0 else (other, identity)
             images[i] = pair_halves(render_pair_array(*faces, context, render_seed))[side]
             labels[i] = [*identity.as_dict().values(), *context.as_dict().values()]
@@ -306,7 +323,9 @@ def train_judge(config: JudgeConfig, progress: bool = True) -> Judge:
     """Train a judge on fresh renders and measure it on other fresh renders."""
     started = time.perf_counter()
     torch.manual_seed(config.seed)
-    images, labels = render_examples(config.examples, config.seed, config.pair_fraction)
+    images, labels = render_examples(
+        config.examples, config.seed, config.pair_fraction, exclude_held_out=config.exclude_held_out
+    )
     net = JudgeNet(config.channels, config.repeats, config.hidden)
     optimizer = torch.optim.AdamW(net.parameters(), config.lr, weight_decay=1e-4)
     per_epoch = config.examples // config.batch

@@ -1,4 +1,5 @@
-"""Reproduce the hypernetwork that ships with `mini`: identities -> precompute -> train -> export.
+"""Reproduce the hypernetwork that ships with `mini`: identities -> trait encoder -> precompute ->
+train -> export.
 
     python -m hyperbooth.miniworld.train_hypernet --work runs/hdb \\
         --out src/hyperbooth/miniworld/weights/mini-hypernet
@@ -9,25 +10,30 @@
 Every stage resumes from --work: rendered identities are kept, finished LiDBs are skipped and
 training continues from its last checkpoint, so rerunning the same command after a kill
 finishes the job. The exported folder holds the hypernetwork in float16 (load_hypernet casts it
-back), a loss-curve PNG and the seconds of each stage.
+back), a loss-curve PNG and the seconds of each stage. With the encoder `mini-traits` (the
+default), the first stage trains the frozen trait encoder (hyperbooth.miniworld.trait_encoder)
+on the main process and installs it in --encoder-out (default: the package's own folder, which
+the name `mini-traits` resolves to); the hypernetwork file references it by name.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+
+import torch
 
 from hyperbooth.adapters.config import RESNET_CONV_TARGETS, AdapterConfig
 from hyperbooth.adapters.inject import weights_fingerprint
-from hyperbooth.atomic import write_text
+from hyperbooth.atomic import atomic_file, write_text
 from hyperbooth.bases import load_base
 from hyperbooth.errors import run_module
 from hyperbooth.hypernet.model import (
     BUILT_IN,
-    SCRATCH_VIT,
     HyperNetConfig,
     load_hypernet,
     save_hypernet,
@@ -37,6 +43,13 @@ from hyperbooth.hypernet.train import HYPERNET_DIR, HyperLossConfig, train_hyper
 from hyperbooth.machine import machine_info
 from hyperbooth.miniworld import recipe_from_json
 from hyperbooth.miniworld.evaluate import identity_images, identity_views
+from hyperbooth.miniworld.judges import INFO_FILE, WEIGHTS_FILE, Judge, JudgeConfig, train_judge
+from hyperbooth.miniworld.trait_encoder import (
+    TRAIT_ENCODER,
+    TRAIT_ENCODER_FOLDER,
+    is_trait_encoder,
+    trait_encoder_config,
+)
 from hyperbooth.training import TrainConfig, make_accelerator
 
 HYPERNET_FOLDER = BUILT_IN["mini"]
@@ -69,8 +82,10 @@ class HypernetRecipe:
     # (train-hypernet --views; 0: the reference only, as in the paper and as shipped)
     views_per_identity: int = 0
     shared_noise: bool = False  # precompute --shared-noise (False: per-identity draws, as shipped)
-    # the hypernetwork: its encoder is SCRATCH_VIT (trained with it) or "mini-encoder" (frozen)
-    encoder: str = SCRATCH_VIT
+    # the hypernetwork's encoder: TRAIT_ENCODER (frozen, trained by the first stage with the
+    # settings below), "scratch-vit" (trained with the hypernetwork), "mini-encoder" or a path
+    encoder: str = TRAIT_ENCODER
+    trait_encoder: JudgeConfig = field(default_factory=trait_encoder_config)  # JSON: overrides
     encoder_width: int = 192  # scratch ViT only
     encoder_layers: int = 4
     width: int = 256
@@ -79,7 +94,7 @@ class HypernetRecipe:
     alpha: float = 1.0
     beta: float = 1.0
     gamma: float = 0.0  # output-space distillation from the pre-optimised LiDB (0: as shipped)
-    steps: int = 1000
+    steps: int = 2000
     batch_size: int = 8  # per process
     lr: float = 2e-4
     checkpoint_every: int = 250
@@ -87,6 +102,8 @@ class HypernetRecipe:
     def __post_init__(self) -> None:
         if isinstance(self.adapter, dict):
             self.adapter = AdapterConfig.from_json(self.adapter)
+        if isinstance(self.trait_encoder, dict):
+            self.trait_encoder = replace(trait_encoder_config(), **self.trait_encoder)
 
 
 def plot_loss_terms(terms: list[dict[str, float]], path: Path, window: int = 50) -> None:
@@ -112,6 +129,28 @@ def plot_loss_terms(terms: list[dict[str, float]], path: Path, window: int = 50)
     pyplot.close(figure)
 
 
+def trait_encoder_stage(config: JudgeConfig, work: Path, out: Path) -> str:
+    """Train the trait encoder into work (unless done) and install it in out; its encoder name."""
+    if not is_trait_encoder(work):
+        threads = torch.get_num_threads()
+        torch.set_num_threads(config.threads)  # the other processes wait at a barrier
+        try:
+            train_judge(config).save(work)  # the JSON, written last, marks it complete
+        finally:
+            torch.set_num_threads(threads)
+    for name in (WEIGHTS_FILE, INFO_FILE):  # JSON last again: a half-installed folder is absent
+        source, target = work / name, out / name
+        if not target.is_file() or source.read_bytes() != target.read_bytes():
+            with atomic_file(target) as temporary:
+                shutil.copyfile(source, temporary)
+    return encoder_name(out)
+
+
+def encoder_name(folder: Path) -> str:
+    """`mini-traits` for the package's own trait encoder folder, else the folder's path."""
+    return TRAIT_ENCODER if folder.resolve() == TRAIT_ENCODER_FOLDER.resolve() else str(folder)
+
+
 def export(trained: Path, out: Path, info: dict) -> None:
     """The trained hypernetwork as float16 safetensors + JSON in `out`."""
     hypernet = load_hypernet(trained).half()
@@ -125,6 +164,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--work", required=True, help="folder for images, LiDBs, checkpoints")
     parser.add_argument("--out", default=str(HYPERNET_FOLDER), help="folder to export to")
+    parser.add_argument(
+        "--encoder-out",
+        default=str(TRAIT_ENCODER_FOLDER),
+        help=f"folder to install the trait encoder in (default: the one `{TRAIT_ENCODER}` names)",
+    )
     parser.add_argument("--base", default="mini")
     parser.add_argument("--config", default=None, help="JSON file overriding HypernetRecipe")
     args = parser.parse_args(argv)
@@ -152,7 +196,17 @@ def main(argv: list[str] | None = None) -> None:
     accelerator.wait_for_everyone()
     times["identities"] = time.perf_counter() - started
 
+    encoder = recipe.encoder
+    if encoder == TRAIT_ENCODER:
+        started = time.perf_counter()
+        if accelerator.is_main_process:
+            trait_encoder_stage(recipe.trait_encoder, work / "traits", Path(args.encoder_out))
+        accelerator.wait_for_everyone()
+        encoder = encoder_name(Path(args.encoder_out))
+        times["encoder"] = time.perf_counter() - started
+
     base = load_base(args.base)
+    base_unet = weights_fingerprint(base.unet)  # before adapters wrap its layers
     started = time.perf_counter()
     precompute(
         base,
@@ -175,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
     config = HyperNetConfig(
         adapter=recipe.adapter,
         image_size=base.resolution,
-        encoder=recipe.encoder,
+        encoder=encoder,
         encoder_width=recipe.encoder_width,
         encoder_layers=recipe.encoder_layers,
         width=recipe.width,
@@ -198,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
         plot_loss_terms(terms, out / "loss.png")
         info = {
             "base": args.base,
-            "base_unet": weights_fingerprint(base.unet),  # which weights it was trained on
+            "base_unet": base_unet,  # which weights it was trained on
             "identities": identities,
             "processes": accelerator.num_processes,
             "seconds": times,
@@ -206,6 +260,9 @@ def main(argv: list[str] | None = None) -> None:
             "recipe": json.loads((work / "recipe.json").read_text()),
             "final_loss_terms": terms[-1] if terms else None,
         }
+        if is_trait_encoder(work / "traits") and recipe.encoder == TRAIT_ENCODER:
+            trained_encoder = Judge.load(work / "traits").info
+            info["trait_encoder"] = {k: trained_encoder[k] for k in ("accuracy", "seconds")}
         export(work / "train" / HYPERNET_DIR, out, info)
         print(json.dumps({"out": str(out), "identities": identities, "seconds": times}))
     accelerator.wait_for_everyone()
