@@ -95,3 +95,33 @@ def test_accelerate_launch_runs_the_cli_unchanged(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "run" / "adapter.safetensors").is_file()
     assert '"processes": 2' in result.stdout  # two data-parallel processes really ran
+
+
+def _save_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    from hyperbooth.bases import load_base, save_base
+
+    save_base(load_base("tiny-random"), os.path.join(out_dir, f"rank{rank}"))
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def test_every_rank_saves_a_whole_base(tmp_path):
+    # transformers saves nothing from a rank other than 0; a benchmark shard's fits must load
+    from hyperbooth.bases import load_base
+
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_save_worker, args=(r, 2, port, str(tmp_path))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+        assert p.exitcode == 0
+    reference = load_base("tiny-random").text_encoder.state_dict()
+    for rank in range(2):
+        saved = load_base(str(tmp_path / f"rank{rank}")).text_encoder.state_dict()
+        assert saved.keys() == reference.keys()
+        assert all(torch.equal(saved[k], v) for k, v in reference.items())

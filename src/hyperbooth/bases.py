@@ -485,6 +485,16 @@ def to_pipeline(base: Base, scheduler: SchedulerMixin | None = None) -> StableDi
     )
 
 
+def _save_text_encoder(model: torch.nn.Module, folder: Path) -> None:
+    """A transformers model's config.json and model.safetensors, as its save_pretrained writes them."""
+    from safetensors.torch import save_model
+
+    folder.mkdir(parents=True, exist_ok=True)
+    model.config.architectures = [type(model).__name__]
+    model.config.to_json_file(folder / "config.json")
+    save_model(model, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
 def save_base(base: Base, folder: str | Path) -> None:
     """Write `base` as a diffusers folder with safetensors weights, replacing `folder` atomically."""
     target = Path(folder).expanduser()
@@ -502,6 +512,11 @@ def save_base(base: Base, folder: str | Path) -> None:
     replaced = target.with_name(f".{target.name}.{uuid.uuid4().hex}.old")
     try:
         to_pipeline(base).save_pretrained(staging, safe_serialization=True)
+        text_encoder = staging / "text_encoder"
+        if not any(text_encoder.glob("*.safetensors")):
+            # transformers writes nothing from a process whose torch.distributed rank is not 0
+            # (a benchmark shard saving its own fits): write the same two files ourselves.
+            _save_text_encoder(base.text_encoder, text_encoder)
         if not target.exists():
             os.replace(staging, target)
             return
