@@ -353,6 +353,10 @@ def test_the_mini_hypernet_recipe_runs_every_stage_exports_float16_and_resumes(t
     reproduce(argv)  # everything is done: the rerun resumes at the end and exports the same
     assert (tmp_path / "out" / "hypernet.safetensors").read_bytes() == first
     assert (tmp_path / "encoder" / "judge.safetensors").read_bytes() == encoder_bytes
+    recipe["trait_encoder"]["epochs"] = 2  # the trained one in --work no longer fits the recipe
+    (tmp_path / "recipe.json").write_text(json.dumps(recipe))
+    with pytest.raises(HyperboothError, match=r"other settings \(epochs\); remove it"):
+        reproduce(argv)
     terms = json.loads((tmp_path / "work" / "train" / "loss_terms.json").read_text())
     assert len(terms) == 2 and all(t["distill"] >= 0 for t in terms)
 
@@ -371,6 +375,8 @@ def test_the_shipped_mini_hypernet_fits_mini_and_is_small():
     judge_info = json.loads((DEFAULT_JUDGE / "judge.json").read_text())
     assert encoder_info["config"]["seed"] != judge_info["config"]["seed"]
     assert encoder_info["config"]["exclude_held_out"] is True
+    weights = (encoder_folder / "judge.safetensors").read_bytes()
+    assert weights != (DEFAULT_JUDGE / "judge.safetensors").read_bytes()
     files = [*folder.iterdir(), *encoder_folder.iterdir()]
     assert sum(f.stat().st_size for f in files) <= 20 * 2**20
     info = json.loads((folder / "hypernet.json").read_text())["info"]

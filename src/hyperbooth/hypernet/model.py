@@ -9,8 +9,9 @@ The encoder is any transformers vision model given by name or local path (ViT, C
 DINOv2...: its last_hidden_state tokens; a convolutional net's feature map, one token per
 cell), frozen by default, or a network of the miniature world's judge format; for `mini`, the
 trait encoder `mini-traits` (shipped, frozen), a small ViT trained from scratch with the rest,
-or the contrastive identity encoder `mini-encoder`, which its recipe writes. The predicted tensors are keyed exactly as the adapter's own
-(`<component>.<path>.lidb_a_train`), so they load, save and export like any fitted LiDB.
+or the contrastive identity encoder `mini-encoder`, which its recipe writes. The predicted
+tensors are keyed exactly as the adapter's own (`<component>.<path>.lidb_a_train`), so they
+load, save and export like any fitted LiDB.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ from hyperbooth.adapters.config import RESNET_CONV_TARGETS, AdapterConfig
 from hyperbooth.adapters.inject import weights_fingerprint
 from hyperbooth.atomic import atomic_file, write_text
 from hyperbooth.bases import load_base
-from hyperbooth.errors import run_module
+from hyperbooth.errors import HyperboothError, run_module
 from hyperbooth.hypernet.model import (
     BUILT_IN,
     HyperNetConfig,
@@ -129,9 +129,17 @@ def plot_loss_terms(terms: list[dict[str, float]], path: Path, window: int = 50)
     pyplot.close(figure)
 
 
-def trait_encoder_stage(config: JudgeConfig, work: Path, out: Path) -> str:
-    """Train the trait encoder into work (unless done) and install it in out; its encoder name."""
-    if not is_trait_encoder(work):
+def trait_encoder_stage(config: JudgeConfig, work: Path, out: Path) -> None:
+    """Train the trait encoder into work (unless done with these settings) and install it in out."""
+    if is_trait_encoder(work):
+        done, wanted = Judge.load(work).info["config"], json.loads(json.dumps(asdict(config)))
+        if done != wanted:
+            changed = sorted(k for k in done.keys() | wanted.keys() if done.get(k) != wanted.get(k))
+            raise HyperboothError(
+                f"{work} holds a trait encoder trained with other settings ({', '.join(changed)});"
+                " remove it or use another --work"
+            )
+    else:
         threads = torch.get_num_threads()
         torch.set_num_threads(config.threads)  # the other processes wait at a barrier
         try:
@@ -143,7 +151,6 @@ def trait_encoder_stage(config: JudgeConfig, work: Path, out: Path) -> str:
         if not target.is_file() or source.read_bytes() != target.read_bytes():
             with atomic_file(target) as temporary:
                 shutil.copyfile(source, temporary)
-    return encoder_name(out)
 
 
 def encoder_name(folder: Path) -> str:
