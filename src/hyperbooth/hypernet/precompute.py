@@ -139,9 +139,9 @@ def fit_chunk(
                 key = "" if config.shared_noise else name
                 generator = torch.Generator().manual_seed(_identity_seed(config.seed, key, step))
                 latents.append(sample_latents(mean[i : i + 1], std[i : i + 1], generator))
-                drawn = draw_noise(base.scheduler, latents[-1], generator, config.max_timestep)
-                noise.append(drawn[0])
-                timesteps.append(drawn[1])
+                drawn, t = draw_noise(base.scheduler, latents[-1], generator, config.max_timestep)
+                noise.append(drawn)
+                timesteps.append(t)
             with autocast(device, config.mixed_precision):
                 hidden = base.text_encoder(ids)[0]
                 per_identity = noised_loss(

@@ -161,16 +161,26 @@ class Judge:
         self.net = net.eval()
         self.info = info
 
+    @staticmethod
+    def is_saved(folder: str | Path) -> bool:
+        """Whether folder holds a network saved by Judge.save (weights and JSON info)."""
+        return (Path(folder) / WEIGHTS_FILE).is_file() and (Path(folder) / INFO_FILE).is_file()
+
+    @staticmethod
+    def saved_info(folder: str | Path) -> dict:
+        """The JSON info of the network in folder, without loading its weights."""
+        return json.loads((Path(folder) / INFO_FILE).read_text())
+
     @classmethod
     def load(cls, folder: str | Path = DEFAULT_JUDGE) -> Judge:
         """The judge saved in folder (default: the one shipped with the package)."""
         folder = Path(folder)
-        if not (folder / WEIGHTS_FILE).is_file() or not (folder / INFO_FILE).is_file():
+        if not cls.is_saved(folder):
             raise HyperboothError(
                 f"no judge in {folder} (need {WEIGHTS_FILE} and {INFO_FILE}); train one with "
                 "`python -m hyperbooth.miniworld.judges --out DIR`"
             )
-        info = json.loads((folder / INFO_FILE).read_text())
+        info = cls.saved_info(folder)
         config = JudgeConfig(**info["config"])
         net = JudgeNet(config.channels, config.repeats, config.hidden)
         net.load_state_dict(

@@ -132,7 +132,7 @@ def plot_loss_terms(terms: list[dict[str, float]], path: Path, window: int = 50)
 def trait_encoder_stage(config: JudgeConfig, work: Path, out: Path) -> None:
     """Train the trait encoder into work (unless done with these settings) and install it in out."""
     if is_trait_encoder(work):
-        done, wanted = Judge.load(work).info["config"], json.loads(json.dumps(asdict(config)))
+        done, wanted = Judge.saved_info(work)["config"], json.loads(json.dumps(asdict(config)))
         if done != wanted:
             changed = sorted(k for k in done.keys() | wanted.keys() if done.get(k) != wanted.get(k))
             raise HyperboothError(
@@ -267,8 +267,8 @@ def main(argv: list[str] | None = None) -> None:
             "recipe": json.loads((work / "recipe.json").read_text()),
             "final_loss_terms": terms[-1] if terms else None,
         }
-        if is_trait_encoder(work / "traits") and recipe.encoder == TRAIT_ENCODER:
-            trained_encoder = Judge.load(work / "traits").info
+        if recipe.encoder == TRAIT_ENCODER:  # its stage ran above
+            trained_encoder = Judge.saved_info(work / "traits")
             info["trait_encoder"] = {k: trained_encoder[k] for k in ("accuracy", "seconds")}
         export(work / "train" / HYPERNET_DIR, out, info)
         print(json.dumps({"out": str(out), "identities": identities, "seconds": times}))

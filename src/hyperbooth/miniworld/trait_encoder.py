@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutput
 
-from hyperbooth.miniworld.judges import INFO_FILE, WEIGHTS_FILE, Judge, JudgeConfig, split_logits
+from hyperbooth.miniworld.judges import Judge, JudgeConfig, split_logits
 from hyperbooth.miniworld.render import SIZE
 
 TRAIT_ENCODER = "mini-traits"
@@ -35,8 +35,7 @@ def trait_encoder_config() -> JudgeConfig:
 
 def is_trait_encoder(folder: str | Path) -> bool:
     """Whether folder holds a network of the judge's format."""
-    folder = Path(folder)
-    return (folder / WEIGHTS_FILE).is_file() and (folder / INFO_FILE).is_file()
+    return Judge.is_saved(folder)
 
 
 class TraitEncoder(nn.Module):
