@@ -226,6 +226,42 @@ def test_export_rejects_bad_requests(tiny_base, tmp_path):
         to_kohya({"unet.x": (torch.zeros(2, 1, 3), torch.zeros(2, 4, 1))})
 
 
+def test_lidb_bases_that_differ_from_the_trained_ones_are_refused_with_or_without_a_base(
+    tiny_base, tmp_path
+):
+    """The trap users of other implementations report: exports built on the wrong random basis."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from hyperbooth.adapters.files import METADATA_KEY
+
+    adapter = add_adapter(tiny_base, CONFIGS["lidb"])
+    randomize(adapter)
+    save_adapter(adapter, tmp_path / "a.safetensors")
+    adapter.remove()
+    with safe_open(str(tmp_path / "a.safetensors"), framework="pt") as f:
+        meta = json.loads(f.metadata()[METADATA_KEY])
+    meta["aux_checksum"] += 1.0  # as if the bases had been generated differently at training
+    save_file(
+        load_file(str(tmp_path / "a.safetensors")),
+        str(tmp_path / "b.safetensors"),
+        metadata={METADATA_KEY: json.dumps(meta)},
+    )
+    for base in (None, tiny_base):
+        with pytest.raises(HyperboothError, match="b.safetensors: LiDB aux bases regenerated"):
+            export_adapter(tmp_path / "b.safetensors", "kohya", tmp_path / "k.safetensors", base)
+    assert not (tmp_path / "k.safetensors").exists()
+    assert not any(layer.adapters for layer in adapted_layers(tiny_base).values())  # left clean
+    # A name the base already carries is a one-line error before any layer changes.
+    first = add_adapter(tiny_base, CONFIGS["lidb"], name="export")
+    with pytest.raises(HyperboothError, match="already carries an adapter named 'export'"):
+        export_adapter(tmp_path / "a.safetensors", "kohya", tmp_path / "k.safetensors", tiny_base)
+    assert all(list(layer.adapters) == ["export"] for layer in first.layers.values())
+    first.remove()
+
+
 def test_adapter_below_matches_plain_diffusers_switching_the_exported_lora(tiny_base, tmp_path):
     """docs/EXPORT.md's few lines of diffusers code draw what `generate --adapter-below` draws."""
     import numpy as np

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import ViTConfig, ViTModel
 
 from hyperbooth.adapters.inject import add_adapter, target_layers, weights_fingerprint
@@ -306,9 +307,19 @@ def test_views_are_drawn_as_diffusion_targets_with_their_captions(tiny_base, tmp
         load_identity_set(tiny_base, tmp_path / "faces", tmp_path / "pre", tmp_path / "faces")
 
 
-def test_the_mini_hypernet_recipe_runs_every_stage_exports_float16_and_resumes(tmp_path):
+def test_the_mini_hypernet_recipe_runs_every_stage_exports_float16_and_resumes(
+    tmp_path, monkeypatch
+):
     from hyperbooth.bases import load_base
+    from hyperbooth.hypernet.model import encoder_fingerprint
+    from hyperbooth.miniworld.train_hypernet import (
+        HYPERNET_FOLDER,
+        HypernetRecipe,
+        encoder_folder,
+        encoder_name,
+    )
     from hyperbooth.miniworld.train_hypernet import main as reproduce
+    from hyperbooth.miniworld.trait_encoder import TRAIT_ENCODER, TRAIT_ENCODER_FOLDER
 
     recipe = {
         "identities": 3, "identities_per_step": 2, "precompute_steps": 2, "steps": 2,
@@ -344,10 +355,12 @@ def test_the_mini_hypernet_recipe_runs_every_stage_exports_float16_and_resumes(t
     assert info["identities"] == 3 and set(info["trait_encoder"]) == {"accuracy", "seconds"}
     # the fingerprint of the base's own weights (not of the base with adapters wrapped in)
     assert info["base_unet"] == weights_fingerprint(load_base("tiny-random").unet)
-    # the frozen encoder is referenced by its folder, not copied into the file
-    assert meta["config"]["encoder"] == str(tmp_path / "encoder")
+    # the frozen encoder is referenced by its folder (absolute: loads from any working
+    # directory), not copied into the file; the hash of its weights names the network
+    assert meta["config"]["encoder"] == str((tmp_path / "encoder").resolve())
     assert not any(key.startswith("encoder.") for key in stored)
     assert isinstance(hypernet.encoder, TraitEncoder)
+    assert info["encoder_fingerprint"] == encoder_fingerprint(str(tmp_path / "encoder"))
     first = (tmp_path / "out" / "hypernet.safetensors").read_bytes()
     (tmp_path / "encoder" / "judge.safetensors").write_bytes(b"stale")  # reinstalled from work
     reproduce(argv)  # everything is done: the rerun resumes at the end and exports the same
@@ -357,13 +370,38 @@ def test_the_mini_hypernet_recipe_runs_every_stage_exports_float16_and_resumes(t
     (tmp_path / "recipe.json").write_text(json.dumps(recipe))
     with pytest.raises(HyperboothError, match=r"other settings \(epochs\); remove it"):
         reproduce(argv)
+    with pytest.raises(HyperboothError, match="unknown trait_encoder field 'colour'"):
+        HypernetRecipe(trait_encoder={"colour": 1})
+    recipe["identities"] = 2  # fewer faces than --work holds: training would use all three
+    (tmp_path / "recipe.json").write_text(json.dumps(recipe))
+    with pytest.raises(
+        HyperboothError, match=r"identities drawn with other settings \(identities\)"
+    ):
+        reproduce(argv)
     terms = json.loads((tmp_path / "work" / "train" / "loss_terms.json").read_text())
     assert len(terms) == 2 and all(t["distill"] >= 0 for t in terms)
+    # Without --encoder-out the encoder goes inside the export, named relative to it, never
+    # over the shipped one; only the package's own export installs the package's encoder.
+    out = tmp_path / "out"
+    assert encoder_folder(None, out) == out / "traits"
+    assert encoder_name(out / "traits", out) == "traits"
+    assert encoder_folder(None, HYPERNET_FOLDER) == TRAIT_ENCODER_FOLDER
+    assert encoder_name(TRAIT_ENCODER_FOLDER, HYPERNET_FOLDER) == TRAIT_ENCODER
+    shutil.copytree(tmp_path / "encoder", out / "traits")
+    meta["config"]["encoder"] = "traits"
+    (out / "hypernet.json").write_text(json.dumps(meta))
+    monkeypatch.chdir(tmp_path / "work")  # resolved against the hypernetwork's folder
+    assert isinstance(load_hypernet(out).encoder, TraitEncoder)
+    # Another network in the encoder's place is refused, not read silently.
+    weights = load_file(str(out / "traits" / "judge.safetensors"))
+    save_file({k: v + 1 for k, v in weights.items()}, str(out / "traits" / "judge.safetensors"))
+    with pytest.raises(HyperboothError, match="was trained with another traits encoder"):
+        load_hypernet(out)
 
 
 def test_the_shipped_mini_hypernet_fits_mini_and_is_small():
     from hyperbooth.bases import load_base
-    from hyperbooth.hypernet.model import BUILT_IN, BUILT_IN_ENCODERS
+    from hyperbooth.hypernet.model import BUILT_IN, BUILT_IN_ENCODERS, encoder_fingerprint
     from hyperbooth.miniworld.judges import DEFAULT_JUDGE
 
     folder = BUILT_IN["mini"]
@@ -383,6 +421,8 @@ def test_the_shipped_mini_hypernet_fits_mini_and_is_small():
     assert info["identities"] >= 1000
     base = load_base("mini")
     assert info["base_unet"] == weights_fingerprint(base.unet)  # trained on the mini that ships
+    # ... through the encoder that ships (load_hypernet refuses any other under that name)
+    assert info["encoder_fingerprint"] == encoder_fingerprint("mini-traits")
     layers = target_layers(base, hypernet.config.adapter)
     assert list(layers) == hypernet.keys
     with torch.no_grad():
@@ -462,7 +502,9 @@ def test_the_mini_encoder_by_name_says_how_to_make_it_when_absent(tiny_base, tmp
     from hyperbooth.hypernet import model
 
     monkeypatch.setitem(model.BUILT_IN_ENCODERS, "mini-encoder", tmp_path / "absent")
-    with pytest.raises(HyperboothError, match="not installed; train it"):
+    with pytest.raises(
+        HyperboothError, match="not installed in .*absent; train it with .*miniworld.train_encoder"
+    ):
         _hypernet(tiny_base, encoder="mini-encoder")
 
 
@@ -484,7 +526,6 @@ def test_a_judge_format_folder_is_a_frozen_encoder_of_one_trait_token(
     from hyperbooth.hypernet import model
     from hyperbooth.miniworld.judges import ATTRIBUTES
     from hyperbooth.miniworld.train_hypernet import encoder_name
-    from hyperbooth.miniworld.trait_encoder import TRAIT_ENCODER, TRAIT_ENCODER_FOLDER
 
     _tiny_judge_folder(tmp_path / "traits")
     monkeypatch.setitem(model.BUILT_IN_ENCODERS, "mini-traits", tmp_path / "traits")
@@ -508,14 +549,12 @@ def test_a_judge_format_folder_is_a_frozen_encoder_of_one_trait_token(
     with torch.no_grad():
         a, b = hypernet.eval()(images), again.eval()(images)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert encoder_name(TRAIT_ENCODER_FOLDER) == TRAIT_ENCODER
-    assert encoder_name(tmp_path / "traits") == str(tmp_path / "traits")
+    assert encoder_name(tmp_path / "traits", tmp_path / "h") == str((tmp_path / "traits").resolve())
     monkeypatch.setitem(model.BUILT_IN_ENCODERS, "mini-traits", tmp_path / "absent")
-    with pytest.raises(
-        HyperboothError,
-        match="not installed; train it with `python -m hyperbooth.miniworld.train_hypernet",
-    ):
+    with pytest.raises(HyperboothError, match="not installed in .*absent; reinstall hyperbooth"):
         _hypernet(tiny_base, encoder="mini-traits")
+    with pytest.raises(HyperboothError, match="encoder folder .*gone is missing"):
+        _hypernet(tiny_base, encoder=str(tmp_path / "gone"))
 
 
 def test_judge_renders_can_leave_out_the_held_out_identities():

@@ -64,6 +64,13 @@ def test_bad_batches_and_missing_judges_give_one_line_errors(tmp_path):
         as_batch(np.zeros((2, 32, 32, 3), np.uint8))
     with pytest.raises(HyperboothError, match="no judge"):
         Judge.load(tmp_path)
+    (tmp_path / "judge.safetensors").write_bytes(b"not safetensors")
+    (tmp_path / "judge.json").write_text('{"config": {"channels": [8], "colour": 1}}')
+    with pytest.raises(HyperboothError, match="is not a judge-format network .*TypeError"):
+        Judge.load(tmp_path)
+    (tmp_path / "judge.json").write_text('{"config": {}}')
+    with pytest.raises(HyperboothError, match="is not a judge-format network"):
+        Judge.load(tmp_path)
 
 
 def test_faces_cut_from_pairs_are_whole_squares_without_a_framing_label():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -80,6 +81,14 @@ def test_a_rerun_fits_only_what_is_missing(tiny_base, tmp_path):
     assert (
         json.loads((out / MANIFEST).read_text())["identities"].keys()
         == manifest["identities"].keys()
+    )
+    # A replaced image is fitted again: the file records the image it was fitted to.
+    Image.new("RGB", (32, 32), "red").save(images / "face_001.png")
+    manifest = precompute(tiny_base, images, out, _config(2, steps=1), progress=False)
+    assert manifest["last_run"]["identities_fitted_by_this_process"] == 1
+    assert (out / "face_000.safetensors").stat().st_mtime_ns == kept
+    assert read_adapter(out / "face_001.safetensors").info["image_sha256"] == (
+        hashlib.sha256((images / "face_001.png").read_bytes()).hexdigest()
     )
 
 

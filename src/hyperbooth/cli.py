@@ -713,7 +713,7 @@ def cmd_train_hypernet(args: argparse.Namespace) -> None:
     Data parallel under `accelerate launch`; --checkpoint-every and --resume as for `train`.
     """
     from hyperbooth.bases import load_base
-    from hyperbooth.hypernet.model import HyperNetConfig
+    from hyperbooth.hypernet.model import HyperNetConfig, local_encoder
     from hyperbooth.hypernet.train import HyperLossConfig, train_hypernet
     from hyperbooth.training import TrainConfig, make_accelerator
 
@@ -731,7 +731,7 @@ def cmd_train_hypernet(args: argparse.Namespace) -> None:
     accelerator = make_accelerator(train_config)
     base = load_base(args.base, dtype=_dtype(args.base_dtype or "float32"))
     config = HyperNetConfig(
-        encoder=args.encoder,
+        encoder=local_encoder(args.encoder),  # a folder by absolute path: loads from anywhere
         train_encoder=args.train_encoder,
         image_size=args.image_size or base.resolution,
         width=args.width,

@@ -86,7 +86,7 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
 class ClipScorer:
     """CLIP image and text embeddings (unit length) from a transformers CLIPModel."""
 
-    def __init__(self, name: str = DEFAULT_CLIP, device: str = "cpu"):
+    def __init__(self, name: str = DEFAULT_CLIP, device: str = "cpu") -> None:
         from transformers import CLIPModel, CLIPTokenizer
 
         self.model = _from_pretrained("CLIP", "--clip", CLIPModel, name).eval().to(device)
@@ -117,7 +117,7 @@ class ClipScorer:
 class DinoScorer:
     """DINO CLS-token embeddings (unit length) from a transformers ViTModel."""
 
-    def __init__(self, name: str = DEFAULT_DINO, device: str = "cpu"):
+    def __init__(self, name: str = DEFAULT_DINO, device: str = "cpu") -> None:
         from transformers import ViTModel
 
         self.model = (
@@ -179,7 +179,7 @@ class FaceScorer:
     detect=False takes each image as an already cropped face (resized to 160x160).
     """
 
-    def __init__(self, weights: str = "vggface2", device: str = "cpu", detect: bool = True):
+    def __init__(self, weights: str = "vggface2", device: str = "cpu", detect: bool = True) -> None:
         try:
             from facenet_pytorch import MTCNN
         except ImportError:

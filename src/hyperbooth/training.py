@@ -16,12 +16,14 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Protocol
 
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
 from tqdm.auto import tqdm
 
 from hyperbooth.adapters.files import atomic_save_safetensors
@@ -39,6 +41,7 @@ LR_SCHEDULERS = (
     "polynomial",
 )
 FOREACH_MAX_NUMBERS = 50_000_000
+BARRIER_TIMEOUT = timedelta(hours=6)  # how long a process may wait for the others
 
 
 @dataclass
@@ -159,7 +162,10 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
         )
     # Precision is not given to the Accelerator: its state is a process-wide singleton that
     # refuses a second setting, and a library process may train several methods in turn.
-    return Accelerator(cpu=use_cpu)
+    # Processes may wait at a barrier for long (the recipe's main process trains the trait
+    # encoder; an uneven precompute shard finishes late): torch's 30-minute default is too short.
+    timeout = InitProcessGroupKwargs(timeout=BARRIER_TIMEOUT)
+    return Accelerator(cpu=use_cpu, kwargs_handlers=[timeout])
 
 
 def resolve_precision(device: torch.device, precision: str) -> str:

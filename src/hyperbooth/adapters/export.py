@@ -102,7 +102,7 @@ def export_adapter(
     # whose rank is the sum of theirs.
     if base is None:
         parts = read_adapter_parts(adapter_path).values()
-        factors = combine_factors([part.materialize() for part in parts])
+        factors = combine_factors([part.materialize(adapter_path) for part in parts])
     else:
         adapters = load_adapters(adapter_path, base, name="export")
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,12 +25,26 @@ PART_SEPARATOR = "/"  # a multi-part file keys its tensors as part/key
 
 def aux_checksum(adapter: Adapter) -> float:
     """A float64 sum of every LiDB aux basis: detects bases regenerated differently on load."""
+    return _aux_sum(adapter.weights().values())
+
+
+def _aux_sum(layers: Iterable[torch.nn.Module]) -> float:
+    """The float64 sum of the LiDB aux bases among these layers' adapter weights."""
     total = 0.0
-    for weights in adapter.weights().values():
+    for weights in layers:
         if isinstance(weights, LiDBWeights):
             total += weights.lidb_a_aux.double().sum().item()
             total += weights.lidb_b_aux.double().sum().item()
     return total
+
+
+def _check_aux(checksum: float, file: AdapterFile, path: str | Path) -> None:
+    """Refuse LiDB aux bases that differ from the ones the adapter was trained with."""
+    if abs(checksum - file.aux_checksum) > 1e-6 * max(1.0, abs(file.aux_checksum)):
+        raise HyperboothError(
+            f"{path}: LiDB aux bases regenerated from seed {file.config.seed} do not match the "
+            f"ones it was trained with (checksum {checksum:.9g} vs {file.aux_checksum:.9g})"
+        )
 
 
 @dataclass
@@ -44,13 +59,19 @@ class AdapterFile:
     info: dict | None = None
     layer_shapes: dict[str, tuple[int, ...]] | None = None  # key -> the base layer's weight shape
 
-    def materialize(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Plain LoRA factors per layer, scale folded into up, without needing the base model."""
+    def materialize(
+        self, path: str | Path = "adapter"
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Plain LoRA factors per layer, scale folded into up, without needing the base model.
+
+        The LiDB aux bases are regenerated from the seed and checked against the file's
+        checksum, as loading onto a base does; `path` names the file in that error.
+        """
         if not self.layer_shapes:
             raise HyperboothError(
                 "this adapter file records no layer shapes; load it onto its base instead"
             )
-        out = {}
+        out, built = {}, []
         for key, shape in self.layer_shapes.items():
             in_features = math.prod(shape[1:])
             weights = make_weights(
@@ -64,6 +85,8 @@ class AdapterFile:
             with torch.no_grad():
                 down, up = weights.factors()
             out[key] = shaped_factors(down, self.config.scale * up, shape)
+            built.append(weights)
+        _check_aux(_aux_sum(built), self, path)
         return out
 
 
@@ -272,13 +295,11 @@ def _inject(file: AdapterFile, path: str | Path, base: object, name: str, weight
     check_fits(file, base, path)
 
     adapter = add_adapter(base, file.config, name)
-    adapter.load_state_dict(file.tensors)
-    checksum = aux_checksum(adapter)
-    if abs(checksum - file.aux_checksum) > 1e-6 * max(1.0, abs(file.aux_checksum)):
+    try:  # a file that does not load leaves the base as it was
+        adapter.load_state_dict(file.tensors)
+        _check_aux(aux_checksum(adapter), file, path)
+    except BaseException:
         adapter.remove()
-        raise HyperboothError(
-            f"{path}: LiDB aux bases regenerated from seed {file.config.seed} do not match the "
-            f"ones it was trained with (checksum {checksum:.9g} vs {file.aux_checksum:.9g})"
-        )
+        raise
     adapter.set_scale(weight)
     return adapter

@@ -112,7 +112,7 @@ class Adapter:
         name: str,
         layers: dict[str, AdaptedLayer],
         fingerprint: str,
-    ):
+    ) -> None:
         self.config = config
         self.name = name
         self.layers = layers
@@ -217,6 +217,10 @@ def add_adapter(
     """
     targets = target_layers(base, config)
     fingerprint = base_fingerprint(targets)
+    if any(name in layer.adapters for layer in adapted_layers(base).values()):
+        raise HyperboothError(
+            f"the base already carries an adapter named {name!r}; remove it or use another name"
+        )
     models = components(base)
     layers: dict[str, AdaptedLayer] = {}
     for key in targets:
@@ -296,7 +300,7 @@ def set_region(base: object, adapters: list[Adapter], box: Box | None) -> None:
 class disable_adapters:
     """Context manager: run the base as if no (unmerged) adapter were attached."""
 
-    def __init__(self, base: object):
+    def __init__(self, base: object) -> None:
         self.layers = list(adapted_layers(base).values())
 
     def __enter__(self) -> None:
@@ -328,7 +332,7 @@ class switch_adapters:
     each call's timestep.
     """
 
-    def __init__(self, base: object, below: int | None):
+    def __init__(self, base: object, below: int | None) -> None:
         self.unet = base.unet
         self.below = below
         self.layers = _unet_layers(base)
@@ -382,7 +386,7 @@ class subject_guidance:
 
     def __init__(
         self, base: object, scale: float | None, guidance: float, below: int | None = None
-    ):
+    ) -> None:
         self.unet = base.unet
         self.scale = scale
         self.guidance = guidance

@@ -82,7 +82,7 @@ class LoRAWeights(AdapterWeights):
         rank: int,
         seed: int,
         n_samples: int | None = None,
-    ):
+    ) -> None:
         super().__init__()
         self.n_samples = n_samples
         lead = (n_samples,) if n_samples else ()
@@ -117,7 +117,7 @@ class LiDBWeights(AdapterWeights):
         b: int,
         seed: int,
         n_samples: int | None = None,
-    ):
+    ) -> None:
         super().__init__()
         self.n_samples = n_samples
         lead = (n_samples,) if n_samples else ()
@@ -203,7 +203,7 @@ class AdaptedLayer(nn.Module):
     spatial grid its contribution is then kept only there (regional composition of subjects).
     """
 
-    def __init__(self, base_layer: nn.Module):
+    def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.adapters = nn.ModuleDict()

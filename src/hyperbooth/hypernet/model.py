@@ -16,6 +16,7 @@ load, save and export like any fitted LiDB.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,9 +38,28 @@ BUILT_IN_ENCODERS = {
     "mini-encoder": _MINI_WEIGHTS / "mini-encoder",
 }
 _ENCODER_COMMANDS = {
-    "mini-traits": "python -m hyperbooth.miniworld.train_hypernet --work runs/hdb",
-    "mini-encoder": "python -m hyperbooth.miniworld.train_encoder --work runs/encoder",
+    "mini-traits": "reinstall hyperbooth (it ships), or retrain it with "
+    "`python -m hyperbooth.miniworld.train_hypernet --work runs/hdb`",
+    "mini-encoder": "train it with `python -m hyperbooth.miniworld.train_encoder --work runs/encoder`",
 }
+
+
+def local_encoder(encoder: str) -> str:
+    """An encoder as a config should record it: a local folder by absolute path, else as given."""
+    if encoder in BUILT_IN_ENCODERS or encoder == SCRATCH_VIT or not Path(encoder).is_dir():
+        return encoder
+    return str(Path(encoder).resolve())
+
+
+def encoder_fingerprint(encoder: str) -> str | None:
+    """A hash of a judge-format encoder's weights, which names the network; None for others."""
+    from hyperbooth.miniworld.judges import WEIGHTS_FILE
+    from hyperbooth.miniworld.trait_encoder import is_trait_encoder
+
+    source = Path(BUILT_IN_ENCODERS.get(encoder, encoder))
+    if not is_trait_encoder(source):
+        return None
+    return hashlib.sha256((source / WEIGHTS_FILE).read_bytes()).hexdigest()[:16]
 
 
 def _lidb() -> AdapterConfig:
@@ -107,8 +127,12 @@ def build_encoder(config: HyperNetConfig) -> tuple[nn.Module, int]:
         return encoder, encoder.width
     if config.encoder in BUILT_IN_ENCODERS and not Path(source, "config.json").is_file():
         raise HyperboothError(
-            f"the {config.encoder} encoder is not installed; train it with "
-            f"`{_ENCODER_COMMANDS[config.encoder]}` (writes {source})"
+            f"the {config.encoder} encoder is not installed in {source}; "
+            f"{_ENCODER_COMMANDS[config.encoder]}"
+        )
+    if Path(config.encoder).is_absolute() and not Path(source).is_dir():
+        raise HyperboothError(
+            f"the image encoder folder {source} is missing; put the encoder there or retrain"
         )
     try:
         model = AutoModel.from_pretrained(source, use_safetensors=True)
@@ -132,7 +156,7 @@ def build_encoder(config: HyperNetConfig) -> tuple[nn.Module, int]:
 class HyperNetwork(nn.Module):
     """Images (B, 3, H, W) in [-1, 1] -> LiDB tensors for every layer, keyed like the adapter's."""
 
-    def __init__(self, config: HyperNetConfig, layers: dict[str, tuple[int, int]]):
+    def __init__(self, config: HyperNetConfig, layers: dict[str, tuple[int, int]]) -> None:
         """`layers`: adapted layer key -> (out, in), in the adapter's key order."""
         super().__init__()
         self.config = config
@@ -255,7 +279,20 @@ def load_hypernet(folder: str | Path) -> HyperNetwork:
             "train one with `hyperbooth train-hypernet`"
         )
     meta = json.loads((folder / "hypernet.json").read_text())
-    config = HyperNetConfig(**meta["config"])
+    settings = dict(meta["config"])
+    encoder = settings.setdefault("encoder", SCRATCH_VIT)
+    # An encoder exported beside the hypernetwork is named relative to its folder.
+    if encoder not in BUILT_IN_ENCODERS and not Path(encoder).is_absolute():
+        if (folder / encoder).is_dir():
+            settings["encoder"] = str((folder / encoder).resolve())
+    expected = meta.get("info", {}).get("encoder_fingerprint")
+    found = encoder_fingerprint(settings["encoder"]) if expected else None
+    if found is not None and found != expected:
+        raise HyperboothError(
+            f"{folder} was trained with another {encoder} encoder (weights {expected}, "
+            f"installed {found}); restore the encoder it was trained with or retrain it"
+        )
+    config = HyperNetConfig(**settings)
     model = HyperNetwork(config, {k: tuple(v) for k, v in meta["layers"].items()})
     tensors = load_file(str(folder / "hypernet.safetensors"))
     missing, unexpected = model.load_state_dict(tensors, strict=False)

@@ -192,7 +192,7 @@ def precompute(
     paths = collect_images(images)
     names = identity_names(paths)
     _check_settings(out_dir, config.settings(), accelerator)
-    todo = [(n, p) for n, p in zip(names, paths, strict=True) if not _file(out_dir, n).is_file()]
+    todo = [(n, p) for n, p in zip(names, paths, strict=True) if not _done(out_dir, n, p)]
     mine = todo[accelerator.process_index :: accelerator.num_processes]
     base.to(accelerator.device)
     k = config.identities_per_step
@@ -232,6 +232,16 @@ def precompute(
 def _file(out_dir: Path, name: str) -> Path:
     """Where identity `name`'s adapter goes."""
     return out_dir / f"{name}.safetensors"
+
+
+def _done(out_dir: Path, name: str, image: Path) -> bool:
+    """Whether identity `name` is fitted, to this very image (a changed image is fitted again)."""
+    path = _file(out_dir, name)
+    if not path.is_file():
+        return False
+    with safe_open(str(path), framework="pt") as f:
+        info = json.loads(f.metadata()[METADATA_KEY])["info"]
+    return info.get("image_sha256") == _sha256(image)
 
 
 def _manifest(

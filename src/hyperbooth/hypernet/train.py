@@ -45,7 +45,12 @@ from hyperbooth.diffusion import (
     sample_latents,
 )
 from hyperbooth.errors import HyperboothError
-from hyperbooth.hypernet.model import HyperNetConfig, HyperNetwork, save_hypernet
+from hyperbooth.hypernet.model import (
+    HyperNetConfig,
+    HyperNetwork,
+    encoder_fingerprint,
+    save_hypernet,
+)
 from hyperbooth.images import load_image, to_tensor
 from hyperbooth.methods.common import encode_images, token_ids
 from hyperbooth.training import StepBatch, TrainConfig, TrainResult, train
@@ -168,12 +173,12 @@ def load_identity_set(
 class _WithParameters(nn.Module):
     """Call `module` with some of its parameters replaced (gradients flow to the replacements)."""
 
-    def __init__(self, module: nn.Module, replacements: dict[str, torch.Tensor]):
+    def __init__(self, module: nn.Module, replacements: dict[str, torch.Tensor]) -> None:
         super().__init__()
         self.module = module
         self.replacements = replacements
 
-    def forward(self, *args, **kwargs):
+    def forward(self, *args: object, **kwargs: object) -> object:
         """The module's forward with the replacements in place."""
         return functional_call(self.module, self.replacements, args, kwargs, strict=False)
 
@@ -192,7 +197,7 @@ class HyperNetTraining:
         loss: HyperLossConfig,
         batch_size: int,
         log_file: Path | None = None,
-    ):
+    ) -> None:
         """log_file: where each step's loss terms are appended as they happen (JSON lines)."""
         self.base, self.hypernet, self.data, self.config = base, hypernet, data, loss
         self.batch_size = batch_size
@@ -377,6 +382,9 @@ def train_hypernet(
     if log_file is not None:
         method.log = _logged_terms(Path(out), log_file, resume, train_config.gradient_accumulation)
     run_info = {"hypernet": json.loads(config.to_json()), "loss": asdict(loss)}
+    fingerprint = encoder_fingerprint(config.encoder)
+    if fingerprint is not None:  # a resumed run must read faces through the same network
+        run_info["encoder_fingerprint"] = fingerprint
     if views is not None:
         run_info["views"] = str(views)
     try:

@@ -308,7 +308,7 @@ class SubjectMethod:
     name = "subject"
     default_learning_rate = 1e-4
 
-    def __init__(self, base: object, subject: SubjectConfig, data: SubjectData):
+    def __init__(self, base: object, subject: SubjectConfig, data: SubjectData) -> None:
         self.base = base
         self.subject = subject
         self.data = data

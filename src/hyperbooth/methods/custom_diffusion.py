@@ -119,7 +119,7 @@ class CustomDiffusion:
         concepts: list[tuple[SubjectConfig, list[Image.Image]]],
         regularisation: list[SubjectData],
         config: CustomDiffusionConfig,
-    ):
+    ) -> None:
         self.base, self.config = base, config
         self.subjects = [subject for subject, _ in concepts]
         # One batch mixes concepts, so they share one timestep range (the tightest asked for).

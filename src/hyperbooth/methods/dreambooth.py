@@ -27,7 +27,7 @@ class DreamBooth(SubjectMethod):
 
     def __init__(
         self, base: object, subject: SubjectConfig, data: SubjectData, config: DreamBoothConfig
-    ):
+    ) -> None:
         super().__init__(base, subject, data)
         self.config = config
         base.unet.requires_grad_(True)

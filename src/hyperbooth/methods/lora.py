@@ -54,7 +54,7 @@ class AdapterDreamBooth(SubjectMethod):
 
     def __init__(
         self, base: object, subject: SubjectConfig, data: SubjectData, config: AdapterMethodConfig
-    ):
+    ) -> None:
         super().__init__(base, subject, data)
         self.config = config
         self.name = config.adapter.kind

@@ -155,7 +155,7 @@ class TextualInversion(SubjectMethod):
         subject: SubjectConfig,
         data: SubjectData,
         config: TextualInversionConfig,
-    ):
+    ) -> None:
         super().__init__(base, subject, data)
         self.config = config
         if subject.per_image_prompts and config.templates:

@@ -119,8 +119,11 @@ def identity_images(folder: Path, count: int, seed: int = 0) -> Path:
             continue
         seen.add(identity.index)
         path = folder / f"id{identity.index:07d}.png"
-        if not path.is_file():
-            render(identity, REFERENCE_CONTEXT, identity.index % 1000).save(path)
+        if not path.is_file():  # written whole or not at all: a killed run leaves no torn PNG
+            with atomic_file(path) as temporary:
+                render(identity, REFERENCE_CONTEXT, identity.index % 1000).save(
+                    temporary, format="PNG"
+                )
     return folder
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -180,12 +181,19 @@ class Judge:
                 f"no judge in {folder} (need {WEIGHTS_FILE} and {INFO_FILE}); train one with "
                 "`python -m hyperbooth.miniworld.judges --out DIR`"
             )
-        info = cls.saved_info(folder)
-        config = JudgeConfig(**info["config"])
-        net = JudgeNet(config.channels, config.repeats, config.hidden)
-        net.load_state_dict(
-            {k: v.float() for k, v in load_file(str(folder / WEIGHTS_FILE)).items()}
-        )
+        try:
+            info = cls.saved_info(folder)
+            config = JudgeConfig(**info["config"])
+            net = JudgeNet(config.channels, config.repeats, config.hidden)
+            net.load_state_dict(
+                {k: v.float() for k, v in load_file(str(folder / WEIGHTS_FILE)).items()}
+            )
+        except (KeyError, TypeError, ValueError, RuntimeError, SafetensorError) as error:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+            raise HyperboothError(
+                f"{folder} is not a judge-format network ({type(error).__name__}: {reason}); "
+                "pass a folder written by `python -m hyperbooth.miniworld.judges --out DIR`"
+            ) from error
         return cls(net, info)
 
     def save(self, folder: str | Path) -> None:

@@ -12,8 +12,11 @@ training continues from its last checkpoint, so rerunning the same command after
 finishes the job. The exported folder holds the hypernetwork in float16 (load_hypernet casts it
 back), a loss-curve PNG and the seconds of each stage. With the encoder `mini-traits` (the
 default), the first stage trains the frozen trait encoder (hyperbooth.miniworld.trait_encoder)
-on the main process and installs it in --encoder-out (default: the package's own folder, which
-the name `mini-traits` resolves to); the hypernetwork file references it by name.
+on the main process and installs it in --encoder-out. By default that is `<out>/traits`, which
+the exported hypernetwork names relative to its own folder; only an export to the package's
+`mini-hypernet` installs it in the package's own folder, which the name `mini-traits` resolves
+to. The hypernetwork records a hash of the encoder's weights, and loading it through any other
+network is an error.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from hyperbooth.errors import HyperboothError, run_module
 from hyperbooth.hypernet.model import (
     BUILT_IN,
     HyperNetConfig,
+    encoder_fingerprint,
     load_hypernet,
     save_hypernet,
 )
@@ -103,6 +107,9 @@ class HypernetRecipe:
         if isinstance(self.adapter, dict):
             self.adapter = AdapterConfig.from_json(self.adapter)
         if isinstance(self.trait_encoder, dict):
+            unknown = sorted(set(self.trait_encoder) - set(JudgeConfig.__dataclass_fields__))
+            if unknown:
+                raise HyperboothError(f"unknown trait_encoder field {unknown[0]!r} in the recipe")
             self.trait_encoder = replace(trait_encoder_config(), **self.trait_encoder)
 
 
@@ -124,8 +131,8 @@ def plot_loss_terms(terms: list[dict[str, float]], path: Path, window: int = 50)
         axis.set_xlabel("step")
         axis.set_yscale("log")
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=90)
+    with atomic_file(path) as temporary:
+        figure.savefig(temporary, dpi=90, format="png")
     pyplot.close(figure)
 
 
@@ -137,7 +144,8 @@ def trait_encoder_stage(config: JudgeConfig, work: Path, out: Path) -> None:
             changed = sorted(k for k in done.keys() | wanted.keys() if done.get(k) != wanted.get(k))
             raise HyperboothError(
                 f"{work} holds a trait encoder trained with other settings ({', '.join(changed)});"
-                " remove it or use another --work"
+                f" remove it and {work.parent / 'train'} (a hypernetwork trained on it), or use"
+                " another --work"
             )
     else:
         threads = torch.get_num_threads()
@@ -153,14 +161,52 @@ def trait_encoder_stage(config: JudgeConfig, work: Path, out: Path) -> None:
                 shutil.copyfile(source, temporary)
 
 
-def encoder_name(folder: Path) -> str:
-    """`mini-traits` for the package's own trait encoder folder, else the folder's path."""
-    return TRAIT_ENCODER if folder.resolve() == TRAIT_ENCODER_FOLDER.resolve() else str(folder)
+# The settings that decide which faces --work holds (the later stages check their own).
+IDENTITY_SET = ("identities", "seed", "views_per_identity")
 
 
-def export(trained: Path, out: Path, info: dict) -> None:
-    """The trained hypernetwork as float16 safetensors + JSON in `out`."""
+def check_identity_set(work: Path, recipe: HypernetRecipe) -> None:
+    """Refuse a --work whose identities were drawn with other settings (it would mix the sets)."""
+    if not (work / "recipe.json").is_file():
+        return
+    done = json.loads((work / "recipe.json").read_text())
+    changed = [k for k in IDENTITY_SET if done.get(k) != getattr(recipe, k)]
+    if changed:
+        raise HyperboothError(
+            f"{work} holds identities drawn with other settings ({', '.join(changed)}); "
+            "use another --work"
+        )
+
+
+def encoder_folder(encoder_out: str | None, out: Path) -> Path:
+    """The folder the trait encoder is installed in (the shipped one only for the shipped export).
+
+    --encoder-out if given; else the package's own folder when `out` is the package's
+    hypernetwork, and `<out>/traits` for any other.
+    """
+    if encoder_out is not None:
+        return Path(encoder_out)
+    return TRAIT_ENCODER_FOLDER if out.resolve() == HYPERNET_FOLDER.resolve() else out / "traits"
+
+
+def encoder_name(folder: Path, out: Path) -> str:
+    """The name the exported hypernetwork records for its encoder folder.
+
+    `mini-traits` for the package's folder, a path relative to `out` for a folder inside it
+    (load_hypernet resolves it against its own folder), else the absolute path.
+    """
+    if folder.resolve() == TRAIT_ENCODER_FOLDER.resolve():
+        return TRAIT_ENCODER
+    if folder.resolve().is_relative_to(out.resolve()):
+        return str(folder.resolve().relative_to(out.resolve()))
+    return str(folder.resolve())
+
+
+def export(trained: Path, out: Path, info: dict, encoder: str | None = None) -> None:
+    """The trained hypernetwork as float16 safetensors + JSON in `out`, its encoder renamed."""
     hypernet = load_hypernet(trained).half()
+    if encoder is not None:
+        hypernet.config = replace(hypernet.config, encoder=encoder)
     save_hypernet(hypernet, out, info)
 
 
@@ -173,8 +219,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=str(HYPERNET_FOLDER), help="folder to export to")
     parser.add_argument(
         "--encoder-out",
-        default=str(TRAIT_ENCODER_FOLDER),
-        help=f"folder to install the trait encoder in (default: the one `{TRAIT_ENCODER}` names)",
+        default=None,
+        help=f"folder to install the trait encoder in (default: <out>/traits; the one "
+        f"`{TRAIT_ENCODER}` names when --out is the package's mini-hypernet)",
     )
     parser.add_argument("--base", default="mini")
     parser.add_argument("--config", default=None, help="JSON file overriding HypernetRecipe")
@@ -194,6 +241,7 @@ def main(argv: list[str] | None = None) -> None:
 
     started = time.perf_counter()
     if accelerator.is_main_process:
+        check_identity_set(work, recipe)
         work.mkdir(parents=True, exist_ok=True)
         identity_images(work / "images", recipe.identities, recipe.seed)
         if recipe.views_per_identity:
@@ -203,13 +251,16 @@ def main(argv: list[str] | None = None) -> None:
     accelerator.wait_for_everyone()
     times["identities"] = time.perf_counter() - started
 
-    encoder = recipe.encoder
+    encoder, exported_encoder = recipe.encoder, None
     if encoder == TRAIT_ENCODER:
         started = time.perf_counter()
+        installed = encoder_folder(args.encoder_out, out)
         if accelerator.is_main_process:
-            trait_encoder_stage(recipe.trait_encoder, work / "traits", Path(args.encoder_out))
+            trait_encoder_stage(recipe.trait_encoder, work / "traits", installed)
         accelerator.wait_for_everyone()
-        encoder = encoder_name(Path(args.encoder_out))
+        exported_encoder = encoder_name(installed, out)
+        # Training reads it where it is; the export names it as above.
+        encoder = TRAIT_ENCODER if exported_encoder == TRAIT_ENCODER else str(installed.resolve())
         times["encoder"] = time.perf_counter() - started
 
     base = load_base(args.base)
@@ -270,7 +321,10 @@ def main(argv: list[str] | None = None) -> None:
         if recipe.encoder == TRAIT_ENCODER:  # its stage ran above
             trained_encoder = Judge.saved_info(work / "traits")
             info["trait_encoder"] = {k: trained_encoder[k] for k in ("accuracy", "seconds")}
-        export(work / "train" / HYPERNET_DIR, out, info)
+        fingerprint = encoder_fingerprint(encoder)
+        if fingerprint is not None:  # load_hypernet refuses any other network under this name
+            info["encoder_fingerprint"] = fingerprint
+        export(work / "train" / HYPERNET_DIR, out, info, exported_encoder)
         print(json.dumps({"out": str(out), "identities": identities, "seconds": times}))
     accelerator.wait_for_everyone()
 
