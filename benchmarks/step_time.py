@@ -6,6 +6,9 @@ For every (base, resolution, precision) this times, at batch size 1 on the CPU:
               lora-r1      LoRA r=1 on the default layers (UNet attention + text encoder)
               lora-r4      LoRA r=4, same layers
               lidb         LiDB a=100, b=50, r=1, same layers
+              lora-r1-unet LoRA r=1 on the UNet attention only, text encoder frozen and its
+                           embedding cached as DreamBooth's (a diagnostic, not in the default set:
+                           what the text encoder's part of a LoRA step costs)
   references  forward      UNet forward alone, no grad
               floor        UNet forward + backward to the noisy latents, every weight frozen:
                            each method needs at least this backward, so none can beat it
@@ -64,7 +67,9 @@ METHODS = {
     "lora-r1": "LoRA r=1",
     "lora-r4": "LoRA r=4",
     "lidb": "LiDB a=100 b=50 r=1",
+    "lora-r1-unet": "LoRA r=1, UNet attention only",
 }
+DEFAULT_METHODS = ["dreambooth", "lora-r1", "lora-r4", "lidb"]
 REFERENCES = {
     "forward": "reference: UNet forward, no grad",
     "floor": "reference: floor (UNet fwd+bwd to latents)",
@@ -104,7 +109,10 @@ def adapter_config(what: str) -> AdapterConfig:
 
     if what == "lidb":
         return AdapterConfig(kind="lidb", rank=1, lidb_a=100, lidb_b=50)
-    return AdapterConfig(kind="lora", rank=int(what.removeprefix("lora-r")))
+    rank = int(what.removeprefix("lora-r").removesuffix("-unet"))
+    if what.endswith("-unet"):
+        return AdapterConfig(kind="lora", rank=rank, text_encoder_targets=())
+    return AdapterConfig(kind="lora", rank=rank)
 
 
 def reset_peak_rss() -> bool:
@@ -434,7 +442,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--methods",
         nargs="*",
         choices=list(METHODS),
-        default=list(METHODS),
+        default=DEFAULT_METHODS,
         help="methods to time; give the flag alone for none",
     )
     parser.add_argument(
