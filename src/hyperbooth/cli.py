@@ -674,7 +674,8 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_precompute(args: argparse.Namespace) -> None:
     """Fit one LiDB per image in --images (its stem names the identity), K identities per step.
 
-    Rerunning skips finished identities, so an interrupted run is resumed by running it again.
+    Rerunning skips finished identities (and refits any whose image changed), so an interrupted
+    run is resumed by running it again.
     Shard over processes or machines with accelerate, e.g.
     `accelerate launch --multi_gpu --num_processes 2 -m hyperbooth.cli precompute ...`
     (--multi_gpu selects accelerate's torchrun launcher; on CPUs it runs gloo processes).

@@ -6,7 +6,8 @@ identities. Every identity draws its own noise and timesteps from a seed of its 
 loss is a sum of per-identity losses with no cross-identity clipping, so identity i's weights
 are the same whether it was fitted alone or beside others (up to float rounding).
 
-Robust to being killed: each identity's file is written atomically, a rerun skips finished ones,
+Robust to being killed: each identity's file is written atomically, a rerun skips finished ones
+(and fits again any whose image changed: each file records its image's hash),
 and processes under `accelerate launch` split the remaining identities between them.
 """
 
