@@ -170,7 +170,8 @@ def check_identity_set(work: Path, recipe: HypernetRecipe) -> None:
     if not (work / "recipe.json").is_file():
         return
     done = json.loads((work / "recipe.json").read_text())
-    changed = [k for k in IDENTITY_SET if done.get(k) != getattr(recipe, k)]
+    defaults = HypernetRecipe.__dataclass_fields__  # a field older files lack had its default
+    changed = [k for k in IDENTITY_SET if done.get(k, defaults[k].default) != getattr(recipe, k)]
     if changed:
         raise HyperboothError(
             f"{work} holds identities drawn with other settings ({', '.join(changed)}); "
