@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -382,14 +381,15 @@ def test_the_mini_hypernet_recipe_runs_every_stage_exports_float16_and_resumes(
     assert len(terms) == 2 and all(t["distill"] >= 0 for t in terms)
     # Without --encoder-out the encoder goes inside the export, named relative to it, never
     # over the shipped one; only the package's own export installs the package's encoder.
-    out = tmp_path / "out"
-    assert encoder_folder(None, out) == out / "traits"
-    assert encoder_name(out / "traits", out) == "traits"
     assert encoder_folder(None, HYPERNET_FOLDER) == TRAIT_ENCODER_FOLDER
     assert encoder_name(TRAIT_ENCODER_FOLDER, HYPERNET_FOLDER) == TRAIT_ENCODER
-    shutil.copytree(tmp_path / "encoder", out / "traits")
-    meta["config"]["encoder"] = "traits"
-    (out / "hypernet.json").write_text(json.dumps(meta))
+    recipe["identities"], recipe["trait_encoder"]["epochs"] = 3, 1  # the settings of the run
+    (tmp_path / "recipe.json").write_text(json.dumps(recipe))
+    out = tmp_path / "out2"  # the same --work exported again elsewhere: training resumes at its end
+    reproduce([*argv[:2], "--out", str(out), *argv[4:8]])
+    assert (out / "traits" / "judge.safetensors").read_bytes() == encoder_bytes
+    assert (out / "hypernet.safetensors").read_bytes() == first
+    assert json.loads((out / "hypernet.json").read_text())["config"]["encoder"] == "traits"
     monkeypatch.chdir(tmp_path / "work")  # resolved against the hypernetwork's folder
     assert isinstance(load_hypernet(out).encoder, TraitEncoder)
     # Another network in the encoder's place is refused, not read silently.

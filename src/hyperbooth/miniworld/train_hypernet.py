@@ -260,8 +260,9 @@ def main(argv: list[str] | None = None) -> None:
             trait_encoder_stage(recipe.trait_encoder, work / "traits", installed)
         accelerator.wait_for_everyone()
         exported_encoder = encoder_name(installed, out)
-        # Training reads it where it is; the export names it as above.
-        encoder = TRAIT_ENCODER if exported_encoder == TRAIT_ENCODER else str(installed.resolve())
+        # Training reads the work folder's copy (byte-identical to the installed one), so a
+        # resumed run matches its checkpoint whatever --out is; the export names it as above.
+        encoder = str((work / "traits").resolve())
         times["encoder"] = time.perf_counter() - started
 
     base = load_base(args.base)
