@@ -250,22 +250,37 @@ def _own_tensors(model: HyperNetwork) -> dict[str, torch.Tensor]:
 
 
 def save_hypernet(model: HyperNetwork, folder: str | Path, info: dict | None = None) -> None:
-    """Write hypernet.safetensors (+ config JSON with the layer keys and shapes) into folder."""
+    """Write hypernet.safetensors (+ config JSON with the layer keys and shapes) into folder.
+
+    A frozen judge-format encoder's weights hash goes into info as `encoder_fingerprint`.
+    """
     from hyperbooth.adapters.files import atomic_save_safetensors
     from hyperbooth.atomic import write_text
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     atomic_save_safetensors(_own_tensors(model), folder / "hypernet.safetensors")
+    info = dict(info or {})
+    if not _stores_encoder(model):  # name the frozen encoder's weights: load_hypernet checks them
+        fingerprint = encoder_fingerprint(_encoder_in(folder, model.config.encoder))
+        if fingerprint is not None:
+            info["encoder_fingerprint"] = fingerprint
     meta = {
         "config": json.loads(model.config.to_json()),
         "layers": model.layer_shapes,
-        "info": info or {},
+        "info": info,
     }
     write_text(folder / "hypernet.json", json.dumps(meta, indent=2))
 
 
 BUILT_IN = {"mini": Path(__file__).parents[1] / "miniworld" / "weights" / "mini-hypernet"}
+
+
+def _encoder_in(folder: Path, encoder: str) -> str:
+    """The encoder a hypernetwork folder records, with a folder beside it named relative to it."""
+    if encoder in BUILT_IN_ENCODERS or Path(encoder).is_absolute():
+        return encoder
+    return str((folder / encoder).resolve()) if (folder / encoder).is_dir() else encoder
 
 
 def load_hypernet(folder: str | Path) -> HyperNetwork:
@@ -281,10 +296,7 @@ def load_hypernet(folder: str | Path) -> HyperNetwork:
     meta = json.loads((folder / "hypernet.json").read_text())
     settings = dict(meta["config"])
     encoder = settings.setdefault("encoder", SCRATCH_VIT)
-    # An encoder exported beside the hypernetwork is named relative to its folder.
-    if encoder not in BUILT_IN_ENCODERS and not Path(encoder).is_absolute():
-        if (folder / encoder).is_dir():
-            settings["encoder"] = str((folder / encoder).resolve())
+    settings["encoder"] = _encoder_in(folder, encoder)
     expected = meta.get("info", {}).get("encoder_fingerprint")
     found = encoder_fingerprint(settings["encoder"]) if expected else None
     if found is not None and found != expected:

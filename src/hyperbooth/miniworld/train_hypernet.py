@@ -38,7 +38,6 @@ from hyperbooth.errors import HyperboothError, run_module
 from hyperbooth.hypernet.model import (
     BUILT_IN,
     HyperNetConfig,
-    encoder_fingerprint,
     load_hypernet,
     save_hypernet,
 )
@@ -323,9 +322,6 @@ def main(argv: list[str] | None = None) -> None:
         if recipe.encoder == TRAIT_ENCODER:  # its stage ran above
             trained_encoder = Judge.saved_info(work / "traits")
             info["trait_encoder"] = {k: trained_encoder[k] for k in ("accuracy", "seconds")}
-        fingerprint = encoder_fingerprint(encoder)
-        if fingerprint is not None:  # load_hypernet refuses any other network under this name
-            info["encoder_fingerprint"] = fingerprint
         export(work / "train" / HYPERNET_DIR, out, info, exported_encoder)
         print(json.dumps({"out": str(out), "identities": identities, "seconds": times}))
     accelerator.wait_for_everyone()
