@@ -159,6 +159,14 @@ def test_aux_bases_are_orthogonal_and_reproducible_in_another_process():
     assert other.stdout == rows.numpy().tobytes().hex()
 
 
+def test_aux_bases_come_from_a_cache_as_copies_a_caller_cannot_spoil():
+    first = orthogonal_rows(50, 96, seed=7)
+    expected = first.clone()
+    first.zero_()  # a caller writing into its copy must not reach the next caller's
+    again = orthogonal_rows(50, 96, seed=7)
+    assert torch.equal(again, expected) and again.data_ptr() != first.data_ptr()
+
+
 def test_sd15_arch_counts_match_the_paper():
     from hyperbooth.bases import load_base
 

@@ -8,6 +8,7 @@ hypernetwork's predictions).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 
@@ -28,8 +29,16 @@ def orthogonal_rows(n_rows: int, n_cols: int, seed: int) -> torch.Tensor:
     """Random rows of unit norm, mutually orthogonal when n_rows <= n_cols; float32 on CPU.
 
     Generated on the CPU in float64 from a private generator, so the same seed gives the same
-    bits in any process and for any target device (move the result afterwards).
+    bits in any process and for any target device (move the result afterwards). Recent results
+    are cached per process (a service predicting many subjects regenerates the same bases), and
+    every call returns its own copy.
     """
+    return _orthogonal_rows(n_rows, n_cols, seed).clone()
+
+
+@functools.lru_cache(maxsize=512)  # SD1.5's default LiDB layer set needs 400
+def _orthogonal_rows(n_rows: int, n_cols: int, seed: int) -> torch.Tensor:
+    """orthogonal_rows, uncached; callers must not modify the result."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
     gaussian = torch.randn(n_rows, n_cols, generator=generator, dtype=torch.float64)
     if n_rows <= n_cols:
