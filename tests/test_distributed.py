@@ -125,3 +125,56 @@ def test_every_rank_saves_a_whole_base(tmp_path):
         saved = load_base(str(tmp_path / f"rank{rank}")).text_encoder.state_dict()
         assert saved.keys() == reference.keys()
         assert all(torch.equal(saved[k], v) for k, v in reference.items())
+
+
+def _fit_alone(out_dir: str, colour: tuple[int, int, int], distributed: bool) -> dict:
+    """Fit a LiDB on one flat-colour photo through personalise; its weights as numpy arrays."""
+    from hyperbooth.adapters.config import AdapterConfig
+    from hyperbooth.adapters.files import read_adapter
+    from hyperbooth.bases import load_base
+    from hyperbooth.methods import SubjectConfig, personalise
+    from hyperbooth.training import TrainConfig
+
+    config = TrainConfig(steps=3, device="cpu", learning_rate=1e-2, distributed=distributed)
+    image = Image.new("RGB", (32, 32), colour)
+    result = personalise(
+        load_base("tiny-random"), [image], out_dir, "lidb", SubjectConfig(),
+        AdapterConfig(lidb_a=16, lidb_b=8), config, progress=False,
+    )  # fmt: skip
+    return {k: v.numpy().copy() for k, v in read_adapter(result.output).tensors.items()}
+
+
+def _cell_worker(rank: int, world: int, port: int, out_dir: str, results) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE=str(world),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+    )
+    torch.set_num_threads(1)
+    colour = [(150, 80, 40), (20, 60, 220)][rank]  # each process its own subject
+    results.put((rank, _fit_alone(os.path.join(out_dir, f"rank{rank}"), colour, False)))
+
+
+def test_processes_that_train_alone_fit_and_save_their_own_subjects(tmp_path):
+    # a sharded benchmark: each process fits another subject; nothing may be averaged across
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = _free_port()
+    procs = [
+        ctx.Process(target=_cell_worker, args=(r, 2, port, str(tmp_path), results))
+        for r in range(2)
+    ]
+    for p in procs:
+        p.start()
+    got = dict(results.get(timeout=120) for _ in procs)  # a dead worker fails, not hangs
+    for p in procs:
+        p.join(timeout=120)
+        assert p.exitcode == 0
+    torch.set_num_threads(1)
+    alone = _fit_alone(str(tmp_path / "alone"), (20, 60, 220), True)  # rank 1's subject, 1 process
+    assert got[1].keys() == alone.keys()
+    for key, value in alone.items():
+        assert abs(got[1][key] - value).max() < 1e-5, key
+    assert any(abs(got[0][k] - got[1][k]).max() > 1e-3 for k in alone)

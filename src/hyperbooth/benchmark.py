@@ -276,6 +276,7 @@ def _fit(base: object, name: str, subject: Subject, config: BenchmarkConfig, out
                 **row.hypernet,
             ),
             progress=False,
+            distributed=False,  # each process fits its own cells (run_benchmark shards them)
         )
         return result.output, time.perf_counter() - started
     started = time.perf_counter()
@@ -293,6 +294,7 @@ def _fit(base: object, name: str, subject: Subject, config: BenchmarkConfig, out
             learning_rate=learning_rate,
             seed=config.seed,
             device=config.device,
+            distributed=False,  # each process fits its own cells (run_benchmark shards them)
         ),
         progress=False,
         textual_inversion=TextualInversionConfig(initializer=subject.class_name),

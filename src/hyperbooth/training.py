@@ -62,6 +62,9 @@ class TrainConfig:
     # lr_warmup_steps of linear warm-up; None: constant, no warm-up (what older runs did).
     lr_scheduler: str | None = None
     lr_warmup_steps: int | None = None
+    # False: this process trains and saves alone even under `accelerate launch` (a sharded
+    # benchmark fits a different subject in each process); True: data parallel across them.
+    distributed: bool = True
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -344,13 +347,18 @@ def train(
     rates = [group["lr"] for group in optimizer.param_groups]  # each group's peak rate
     # Settings a resumed run must share; steps and checkpoint cadence may change (to extend a run).
     loop = {
-        k: v for k, v in asdict(config).items() if k not in ("steps", "checkpoint_every", "device")
+        k: v
+        for k, v in asdict(config).items()
+        if k not in ("steps", "checkpoint_every", "device", "distributed")
     }
     run_info = {"method": method.name, "train": loop, **(run_info or {})}
     run_info = json.loads(json.dumps(run_info))  # what JSON would give back, for comparison
 
     start_step = load_checkpoint(out_dir, trainable, optimizer, run_info) if resume else 0
     world, rank = accelerator.num_processes, accelerator.process_index
+    if not config.distributed:
+        world, rank = 1, 0
+    main = accelerator.is_main_process or world == 1
     losses: list[float] = []
     started = time.perf_counter()
     bar = tqdm(
@@ -358,7 +366,7 @@ def train(
         initial=start_step,
         total=config.steps,
         desc=f"train {method.name}",
-        disable=not (progress and accelerator.is_main_process),
+        disable=not (progress and main),
     )
     step_seconds: list[float] = []
     for step in bar:
@@ -394,13 +402,15 @@ def train(
         bar.set_postfix(loss=f"{step_loss:.4f}")
         done = step + 1
         if config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps:
-            if accelerator.is_main_process:
+            if main:
                 save_checkpoint(out_dir, done, trainable, optimizer, run_info)
-            accelerator.wait_for_everyone()
+            if world > 1:
+                accelerator.wait_for_everyone()
     seconds = time.perf_counter() - started
     output = out_dir
-    if save and accelerator.is_main_process:
+    if save and main:
         output = method.save(out_dir)
         save_checkpoint(out_dir, config.steps, trainable, optimizer, run_info)
-    accelerator.wait_for_everyone()
+    if world > 1:
+        accelerator.wait_for_everyone()
     return TrainResult(output, config.steps, seconds, losses, step_seconds, world)

@@ -128,11 +128,13 @@ def personalize(
     config: PersonalizeConfig,
     progress: bool = True,
     mask: np.ndarray | None = None,
+    distributed: bool = True,
 ) -> PersonalizeResult:
     """One image -> one adapter file; the base is left with the adapters in place (unmerged).
 
     mask: (H, W) in [0, 1], white on the subject, sized like the image as the base sees it;
-    the fine-tune's loss weighs it 1 + config.mask_weight times the rest.
+    the fine-tune's loss weighs it 1 + config.mask_weight times the rest. distributed=False:
+    this process fine-tunes alone under `accelerate launch` (TrainConfig.distributed).
     """
     from hyperbooth.methods import make_method, prepare_subject
 
@@ -167,6 +169,7 @@ def personalize(
             device=config.device,
             lr_scheduler=config.lr_scheduler,
             lr_warmup_steps=config.lr_warmup_steps,
+            distributed=distributed,
         )
         accelerator = make_accelerator(train_config)
         masks = None if mask is None else [mask]
