@@ -125,6 +125,31 @@ def test_joint_training_keeps_one_token_per_concept(tiny_base, tmp_path):
     assert not torch.equal(vectors["<new1>"], vectors["<new2>"])
 
 
+def test_each_class_draws_its_own_prior_images_and_a_batch_may_exceed_the_bank(tiny_base, tmp_path):
+    from hyperbooth.methods.common import CLASS_PROMPT_FILE, class_images_folder
+
+    concepts = [
+        (
+            SubjectConfig(token=token, class_name=name, num_class_images=2),
+            [Image.new("RGB", (32, 32), COLOURS[token])],
+        )
+        for token, name in (("<new1>", "face"), ("<new2>", "cat"))
+    ]
+    result = personalise_concepts(
+        tiny_base,
+        concepts,
+        tmp_path,
+        CustomDiffusionConfig(rescale=False, augmentations=1),  # a bank of 2 images...
+        TrainConfig(steps=1, batch_size=4, device="cpu"),  # ...and batches of 4
+        progress=False,
+    )
+    assert result.output.is_file()
+    for prompt in ("a face", "a cat"):
+        folder = class_images_folder(tmp_path, prompt)
+        assert (folder / CLASS_PROMPT_FILE).read_text().strip() == prompt
+        assert len(list(folder.glob("*.png"))) == 2
+
+
 def test_train_q_out_adds_query_and_output_projections(tiny_base, tmp_path):
     result = _fit(tiny_base, tmp_path, train_q_out=True, rescale=False)
     _, deltas, _ = read_custom_diffusion(result.output)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from PIL import Image
 from hyperbooth.adapters.config import AdapterConfig
 from hyperbooth.errors import HyperboothError
 from hyperbooth.methods import SubjectConfig, TextualInversionConfig, personalise
+from hyperbooth.methods.common import class_images, class_images_folder
 from hyperbooth.training import TrainConfig
 
 SMALL_LIDB = AdapterConfig(kind="lidb", lidb_a=16, lidb_b=8)
@@ -149,8 +151,9 @@ def test_prior_preservation_generates_and_reuses_class_images(tiny_base, tmp_pat
         train_config=TrainConfig(steps=1, device="cpu"),
         progress=False,
     )
-    files = sorted((tmp_path / "class_images").glob("*.png"))
-    assert len(files) == 2
+    folder = class_images_folder(tmp_path, "a face")
+    files = sorted(folder.glob("*.png"))
+    assert len(files) == 2 and folder.parent == tmp_path / "class_images"
     stamps = [f.stat().st_mtime_ns for f in files]
     personalise(
         copy.deepcopy(tiny_base),
@@ -160,13 +163,18 @@ def test_prior_preservation_generates_and_reuses_class_images(tiny_base, tmp_pat
         subject=SubjectConfig(
             prior_preservation=True,
             num_class_images=2,
-            class_images_dir=str(tmp_path / "class_images"),
+            class_images_dir=str(folder),
         ),
         adapter=SMALL_LIDB,
         train_config=TrainConfig(steps=1, device="cpu"),
         progress=False,
     )
     assert [f.stat().st_mtime_ns for f in files] == stamps
+    # images drawn for "a face" never stand in for another class
+    other = SubjectConfig(class_name="cat", prior_preservation=True, num_class_images=2)
+    with pytest.raises(HyperboothError, match="drawn for 'a face', not 'a cat'"):
+        class_images(tiny_base, replace(other, class_images_dir=str(folder)), folder, False)
+    assert len(class_images(tiny_base, other, class_images_folder(tmp_path, "a cat"), False)) == 2
 
 
 def test_max_timestep_bounds_the_training_timesteps(tiny_base):

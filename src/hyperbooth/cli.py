@@ -982,7 +982,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-class-images", type=int, default=100)
     p.add_argument("--class-prompt", default=None, help="default 'a {class}'")
     p.add_argument(
-        "--class-images", default=None, help="folder of class images, reused and topped up"
+        "--class-images",
+        default=None,
+        help="folder of class images, reused and topped up (default <out>/class_images/<one "
+        "folder per class prompt>; a folder drawn for another prompt is refused)",
     )
     p.add_argument(
         "--train-text-encoder",

@@ -134,7 +134,7 @@ def personalise_concepts(
     out_dir = Path(out_dir)
     accelerator = make_accelerator(train_config)
     base.to(accelerator.device)
-    regularisation: dict[tuple, SubjectData] = {}
+    regularisation: dict[tuple, tuple[SubjectData, float]] = {}  # one per set: data, weight
     for subject, images in concepts:
         if not images:
             raise HyperboothError(
@@ -143,10 +143,9 @@ def personalise_concepts(
         if not subject.regularisation_dir:
             subject.prior_preservation = True
         key = (subject.regularisation_dir, subject.prior_prompt, subject.class_images_dir)
-        if key not in regularisation:
-            regularisation[key] = prepare_subject(
-                base, subject, images, accelerator.device, out_dir, progress
-            )
+        if key not in regularisation:  # a shared set counts once, at its first concept's weight
+            data = prepare_subject(base, subject, images, accelerator.device, out_dir, progress)
+            regularisation[key] = (data, subject.prior_weight)
     runner = CustomDiffusion(base, concepts, list(regularisation.values()), config)
     run_info = {
         "concepts": [asdict(subject) for subject, _ in concepts],

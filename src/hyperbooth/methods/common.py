@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -9,6 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from hyperbooth.atomic import write_text
 from hyperbooth.diffusion import check_max_timestep, diffusion_loss, sample_latents
 from hyperbooth.errors import HyperboothError
 from hyperbooth.images import IMAGE_SUFFIXES, collect_images, load_image, save_png, to_tensor
@@ -32,7 +35,7 @@ class SubjectConfig:
     prior_weight: float = 1.0
     num_class_images: int = 100
     class_prompt: str | None = None  # default "a {class_name}"
-    class_images_dir: str | None = None  # default <out>/class_images; reused across runs
+    class_images_dir: str | None = None  # default <out>/class_images/<prompt>; reused across runs
     # Real regularisation images, each with its own caption (name.png + name.txt); when set it
     # replaces the generated class images (Custom Diffusion's retrieved set, METHOD 2).
     regularisation_dir: str | None = None
@@ -210,14 +213,34 @@ def encode_images(base: object, images: list[Image.Image], device: torch.device,
     return torch.cat(means), torch.cat(stds)
 
 
+CLASS_PROMPT_FILE = "class_prompt.txt"  # what the generated class images in a folder show
+
+
+def class_images_folder(out_dir: Path, prompt: str) -> Path:
+    """The default folder of generated class images for one prior prompt, inside out_dir."""
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", prompt).strip("_")[:48] or "class"
+    return out_dir / "class_images" / f"{slug}-{hashlib.sha256(prompt.encode()).hexdigest()[:8]}"
+
+
 def class_images(base: object, subject: SubjectConfig, folder: Path, progress: bool = True):
-    """The prior-preservation images: reuse what is in folder, generate the rest with the frozen base."""
+    """The prior-preservation images: reuse what is in folder, generate the rest with the frozen base.
+
+    A folder this function generated into records its prompt, and is refused for another one
+    (a folder of the user's own photos, without that record, is taken as it is).
+    """
     from hyperbooth.generate import generate_images
 
     folder.mkdir(parents=True, exist_ok=True)
+    record = folder / CLASS_PROMPT_FILE
+    if record.is_file() and record.read_text(errors="replace").strip() != subject.prior_prompt:
+        raise HyperboothError(
+            f"{folder} holds class images drawn for {record.read_text(errors='replace').strip()!r}"
+            f", not {subject.prior_prompt!r}; give --class-images another folder"
+        )
     have = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     missing = subject.num_class_images - len(have)
     if missing > 0:
+        write_text(record, subject.prior_prompt + "\n")
         # Seeds continue after the existing images, so an interrupted generation resumes.
         images = generate_images(
             base, [subject.prior_prompt], n=missing, seed=len(have), progress=progress
@@ -294,7 +317,9 @@ def prepare_subject(
         data.class_ids = token_ids(base, [caption for _, caption in pairs]).to(device)
     elif subject.prior_preservation:
         folder = (
-            Path(subject.class_images_dir) if subject.class_images_dir else out_dir / "class_images"
+            Path(subject.class_images_dir)
+            if subject.class_images_dir
+            else class_images_folder(out_dir, subject.prior_prompt)
         )
         pictures = class_images(base, subject, folder, progress)
         data.class_mean, data.class_std = encode_images(base, pictures, device)

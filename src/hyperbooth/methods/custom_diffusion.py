@@ -117,9 +117,10 @@ class CustomDiffusion:
         self,
         base: object,
         concepts: list[tuple[SubjectConfig, list[Image.Image]]],
-        regularisation: list[SubjectData],
+        regularisation: list[tuple[SubjectData, float]],
         config: CustomDiffusionConfig,
     ) -> None:
+        """regularisation: each prior set once, with its prior weight."""
         self.base, self.config = base, config
         self.subjects = [subject for subject, _ in concepts]
         # One batch mixes concepts, so they share one timestep range (the tightest asked for).
@@ -152,8 +153,7 @@ class CustomDiffusion:
                 self.initial[f"{key}.{name}"] = parameter.detach().clone()
         device = embedding.weight.device
         self.bank = build_bank(base, concepts, config, device)
-        self.regularisation = [r for r in regularisation if r.class_mean is not None]
-        self.prior_weights = [s.prior_weight for s in self.subjects]
+        self.regularisation = [(r, w) for r, w in regularisation if r.class_mean is not None]
         self.hidden_cache: dict[str, torch.Tensor] = {}
 
     def trainable(self) -> dict[str, nn.Parameter]:
@@ -192,11 +192,11 @@ class CustomDiffusion:
         means, stds, masks = [bank.mean[index]], [bank.std[index]], [bank.mask[index]]
         hidden = [self.encode_new(bank.ids[index])]
         weights = []
-        for data, weight in zip(self.regularisation, self.prior_weights, strict=False):
+        for data, weight in self.regularisation:
             pick = torch.randint(0, data.class_mean.shape[0], (n,), generator=g)
             means.append(data.class_mean[pick])
             stds.append(data.class_std[pick])
-            masks.append(torch.ones_like(bank.mask[:n]))
+            masks.append(torch.ones_like(masks[0]))  # n rows, however few images the bank has
             ids = data.class_ids
             hidden.append(self.encode_fixed(ids[pick] if ids.shape[0] > 1 else ids.expand(n, -1)))
             weights.append(weight)
