@@ -156,6 +156,11 @@ def test_train_q_out_adds_query_and_output_projections(tiny_base, tmp_path):
     suffixes = {k.split("attn2.")[1] for k in deltas}
     assert suffixes == {"to_k.weight", "to_v.weight", "to_q.weight", "to_out.0.weight",
                         "to_out.0.bias"}  # fmt: skip
+    # the closed-form merge solves K/V only: such files are refused in one line, not a traceback
+    plain = _fit(copy.deepcopy(tiny_base), tmp_path, tokens=("<new2>",)).output
+    with pytest.raises(HyperboothError, match="trained with --train-q-out"):
+        merge_custom_diffusion([result.output, plain], tiny_base, tmp_path / "m.safetensors")
+    assert not (tmp_path / "m.safetensors").exists()
 
 
 def test_rescale_masks_the_padding_and_names_the_framing():

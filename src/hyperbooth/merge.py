@@ -20,6 +20,7 @@ import torch
 from hyperbooth.errors import HyperboothError
 from hyperbooth.methods.common import token_ids
 from hyperbooth.methods.custom_diffusion import (
+    QO_SUFFIXES,
     check_layers,
     read_custom_diffusion,
     save_custom_diffusion,
@@ -121,6 +122,12 @@ def merge_custom_diffusion(
     tokens: list[str] = []
     for path, meta, deltas, vectors in files:
         check_layers(meta, deltas, base, path)
+        if any(key.rsplit(".", 1)[0].endswith(QO_SUFFIXES) for key in deltas):
+            raise HyperboothError(
+                f"{path} was trained with --train-q-out; the closed-form merge solves only the "
+                "cross-attention K/V weights, so train these concepts jointly instead (several "
+                "--concept flags in one train run)"
+            )
         clash = set(tokens) & set(vectors)
         if clash:
             raise HyperboothError(f"{path} reuses the token {sorted(clash)[0]!r}; retrain it apart")
@@ -145,9 +152,6 @@ def merge_custom_diffusion(
     for key in keys:
         parameter = base.unet.get_parameter(key.removeprefix("unet."))
         w0 = parameter.detach().double().cpu()
-        if w0.dim() != 2:  # a bias (to_out.0 with --train-q-out): average the concepts' deltas
-            merged[key] = torch.stack([f[2].get(key, torch.zeros_like(w0)) for f in files]).mean(0)
-            continue
         v_tgt = torch.cat(
             [
                 target.cpu() @ (w0 + f[2].get(key, torch.zeros_like(w0)).double()).T
