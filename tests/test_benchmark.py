@@ -40,7 +40,7 @@ def test_mini_subjects_are_held_out_references_with_traits(tmp_path):
     assert info["traits"] == held_out_identities(1)[0].names()
 
 
-def test_benchmark_runs_every_cell_once_and_summarises(tmp_path):
+def test_benchmark_runs_every_cell_once_and_summarises(tmp_path, capsys):
     subjects = tmp_path / "subjects"
     for name, colour in (("red", (200, 30, 30)), ("blue", (30, 30, 200))):
         (subjects / name).mkdir(parents=True)
@@ -79,6 +79,18 @@ def test_benchmark_runs_every_cell_once_and_summarises(tmp_path):
     stamps = [c.stat().st_mtime_ns for c in cells]
     assert cli(args) == 0  # a rerun skips every finished cell
     assert [c.stat().st_mtime_ns for c in cells] == stamps
+    # a rerun with other run-level settings must not mix its cells with the old ones
+    (tmp_path / "other.txt").write_text("a {} on the moon\n")
+    for changed, key in (
+        (["--seeds", "2"], "seeds"),
+        (["--guidance", "3"], "guidance"),
+        (["--method-steps", "lidb=3"], "steps"),
+        (["--prompts", str(tmp_path / "other.txt")], "prompts"),
+    ):
+        capsys.readouterr()
+        assert cli([*args, *changed]) == 2
+        assert f"was made with another '{key}'" in capsys.readouterr().err
+    assert [c.stat().st_mtime_ns for c in cells] == stamps
 
 
 def test_bad_benchmark_specs_are_one_line_errors(tmp_path):
@@ -86,6 +98,8 @@ def test_bad_benchmark_specs_are_one_line_errors(tmp_path):
         BenchmarkConfig(methods=("lidb", "magic"))
     with pytest.raises(HyperboothError, match="--hypernet"):
         BenchmarkConfig(methods=("hyperdreambooth",))
+    with pytest.raises(HyperboothError, match="--method-steps names an unknown method 'lorra'"):
+        BenchmarkConfig(steps={"lorra": 100})
     (tmp_path / "p.txt").write_text("a photo\n")
     with pytest.raises(HyperboothError, match="exactly one"):
         read_prompt_set(str(tmp_path / "p.txt"))

@@ -149,6 +149,13 @@ class BenchmarkConfig:
         self.methods = tuple(row.name for row in self.rows)
         if len(set(self.methods)) != len(self.methods):
             raise HyperboothError(f"row names repeat: {', '.join(self.methods)}")
+        for flag, given in (("--method-steps", self.steps), ("--method-lr", self.learning_rates)):
+            unknown = sorted(set(given) - set(BENCHMARK_METHODS))
+            if unknown:
+                raise HyperboothError(
+                    f"{flag} names an unknown method {unknown[0]!r}; choose from "
+                    f"{', '.join(BENCHMARK_METHODS)}"
+                )
         if any(r.method == "hyperdreambooth" for r in self.rows) and not self.hypernet:
             raise HyperboothError("hyperdreambooth needs --hypernet FOLDER (train-hypernet's out)")
 
@@ -167,6 +174,28 @@ class BenchmarkConfig:
             return self.adapter
         start = json.loads(self.adapter.to_json()) if self.adapter else {}
         return AdapterConfig.from_json({**start, **row.adapter})
+
+
+def cell_settings(config: BenchmarkConfig, name: str, prompts: list[str]) -> dict:
+    """What a cell of row `name` depends on beyond its row: result.json stores it for resume."""
+    row = config.row(name)
+    adapter = config.adapter_for(name) if row.method in ("lora", "lidb") else None
+    return json.loads(
+        json.dumps(
+            {
+                "steps": row.steps or config.steps.get(row.method, DEFAULT_STEPS[row.method]),
+                "learning_rate": row.learning_rate or config.learning_rates.get(row.method),
+                "adapter": None if adapter is None else json.loads(adapter.to_json()),
+                "hypernet": config.hypernet if row.method == "hyperdreambooth" else None,
+                "prompts": prompts,
+                **{
+                    key: getattr(config, key)
+                    for key in ("seeds", "sampling_steps", "guidance", "token", "seed")
+                },
+                **{key: getattr(config, key) for key in ("clip", "dino", "face")},
+            }
+        )
+    )
 
 
 @dataclass
@@ -321,12 +350,20 @@ def run_cell(
     cell = out / "cells" / method / subject.name
     done = cell / "result.json"
     settings = row_settings(config.row(method))
+    run = cell_settings(config, method, prompts)
     if done.is_file():
         result = json.loads(done.read_text())
         if result.get("row", settings) != settings:
             raise HyperboothError(
                 f"{done} was made with other settings for row {method!r}; give the changed row "
                 "a new name or use a new --out"
+            )
+        before = result.get("run", run)
+        changed = sorted(k for k in {*before, *run} if before.get(k) != run.get(k))
+        if changed:
+            raise HyperboothError(
+                f"{done} was made with another {changed[0]!r} than this run's; use a new --out "
+                "(or the old settings) so that every cell of the table is made alike"
             )
         return result
     model = copy.deepcopy(base)
@@ -363,6 +400,7 @@ def run_cell(
         "method": method,
         "kind": settings["method"],
         "row": settings,
+        "run": run,
         "subject": subject.name,
         "seconds": {"fit": fit_seconds, "generate": generate_seconds},
         "machine": machine_info(),
