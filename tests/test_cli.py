@@ -165,6 +165,16 @@ def test_bad_inputs_are_one_line_errors(tmp_path, photo_dir, capsys):
             str(tmp_path / "g.png"),
         ],
     )
+    gen = ["generate", "--base", "tiny-random", "--prompt", "x", "--out", str(tmp_path / "g.png")]
+    for flags, message in (
+        (["--n", "0"], "--n must be >= 1"),
+        (["--steps", "0"], "--steps must be >= 1"),
+        (["--adapter-below", "5000"], "--adapter-below 5000 is past"),
+        (["--adapter", f"{text}:strong"], "must be a number"),
+    ):
+        assert message in _error(capsys, [*gen, *flags])
+    assert "--lr must be > 0" in _error(capsys, [*train, *ok, "--lr", "-1"])
+    assert not (tmp_path / "g.png").exists()
     assert not (tmp_path / "o" / "adapter.safetensors").exists()
 
 
@@ -206,6 +216,18 @@ def test_full_disk_leaves_no_partial_file(tmp_path, monkeypatch):
     with pytest.raises(HyperboothError, match="no space left"):
         files.atomic_save_safetensors({"x": torch.zeros(3)}, tmp_path / "a.safetensors")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_saved_adapters_get_the_permissions_of_a_plain_file(tmp_path):
+    import torch
+
+    from hyperbooth.adapters import files
+
+    # safetensors creates private (0600) files; an adapter is shared with other users' tools
+    files.atomic_save_safetensors({"x": torch.zeros(3)}, tmp_path / "a.safetensors")
+    (tmp_path / "plain").write_bytes(b"")
+    mode = (tmp_path / "a.safetensors").stat().st_mode & 0o777
+    assert mode == (tmp_path / "plain").stat().st_mode & 0o777  # 0644 under umask 022
 
 
 def test_entry_point_exits_non_zero_without_traceback(tmp_path):

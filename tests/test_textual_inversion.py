@@ -78,6 +78,22 @@ def test_words_already_known_and_long_initializers_are_one_line_errors(tiny_base
         _fit(copy.deepcopy(tiny_base), tmp_path, vectors=2, initializer="a red face")
 
 
+def test_embedding_files_of_other_formats_load_or_fail_in_one_line(tiny_base, tmp_path):
+    from safetensors.torch import save_file
+
+    dim = tiny_base.text_encoder.get_input_embeddings().weight.shape[1]
+    save_file({"emb_params": torch.randn(2, dim)}, tmp_path / "myface.safetensors")  # A1111's
+    base = copy.deepcopy(tiny_base)
+    assert load_textual_inversion(tmp_path / "myface.safetensors", base) == ["myface"]
+    assert "myface" in base.tokenizer.get_vocab()
+    save_file({"unet.x.lora_down.weight": torch.zeros(1, 4)}, tmp_path / "lora.safetensors")
+    (tmp_path / "text.safetensors").write_text("not tensors")
+    for name, match in (("lora", "holds model weights"), ("text", "not a readable"),
+                        ("missing", "not found")):  # fmt: skip
+        with pytest.raises(HyperboothError, match=match):
+            load_textual_inversion(tmp_path / f"{name}.safetensors", copy.deepcopy(tiny_base))
+
+
 def test_a_phrase_initialises_one_vector_per_token(tiny_base, tmp_path):
     from hyperbooth.methods import TextualInversion, prepare_subject
 

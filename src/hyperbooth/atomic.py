@@ -15,6 +15,13 @@ _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 _NO_PERMISSION = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
+def _umask() -> int:
+    """The process's file-creation mask."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_error(path: Path, error: OSError) -> HyperboothError:
     """One line saying why path could not be written and what to do."""
     reason = (error.strerror or str(error) or type(error).__name__).lower()
@@ -31,7 +38,9 @@ def write_error(path: Path, error: OSError) -> HyperboothError:
 def atomic_file(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it over `path` on success, delete it on failure.
 
-    An OSError (a full disk, a read-only folder) becomes a one-line HyperboothError.
+    An OSError (a full disk, a read-only folder) becomes a one-line HyperboothError. The file
+    gets the permissions a plain open() would give (some writers, safetensors among them,
+    create theirs private), so an adapter can be shared with tools run by other users.
     """
     path = Path(path)
     # Same folder as the target so os.replace is a rename, never a cross-device copy.
@@ -39,6 +48,8 @@ def atomic_file(path: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         yield temporary
+        if temporary.is_file():
+            temporary.chmod(0o666 & ~_umask())
         os.replace(temporary, path)
     except OSError as error:
         temporary.unlink(missing_ok=True)

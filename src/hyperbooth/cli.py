@@ -402,7 +402,10 @@ def _parse_adapter_arg(text: str) -> tuple[str, float]:
         try:
             return path, float(weight)
         except ValueError:
-            pass
+            if os.path.exists(path):
+                raise HyperboothError(
+                    f"{text!r}: the weight after ':' must be a number, e.g. {path}:0.8"
+                ) from None
     return text, 1.0
 
 

@@ -10,6 +10,8 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
 from hyperbooth.adapters.inject import subject_guidance, switch_adapters
+from hyperbooth.diffusion import check_max_timestep
+from hyperbooth.errors import HyperboothError
 
 
 def make_pipeline(base: object) -> StableDiffusionPipeline:
@@ -41,6 +43,10 @@ def generate_images(
     with subject_scale, the bare base follows the prompt and the adapters add the subject at
     that scale (`subject_guidance`), below adapter_below if it is given too.
     """
+    for flag, value in (("--n", n), ("--steps", steps), ("batch_size", batch_size)):
+        if value < 1:
+            raise HyperboothError(f"{flag} must be >= 1, got {value}")
+    check_max_timestep(adapter_below, base.scheduler.config.num_train_timesteps, "--adapter-below")
     # both check their settings here, before any work
     switch = switch_adapters(base, None if subject_scale is not None else adapter_below)
     guide = subject_guidance(base, subject_scale, guidance, below=adapter_below)

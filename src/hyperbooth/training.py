@@ -69,6 +69,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise HyperboothError(f"--steps must be >= 1, got {self.steps}")
+        if self.learning_rate is not None and not self.learning_rate > 0:
+            raise HyperboothError(f"--lr must be > 0, got {self.learning_rate}")
         if self.lr_scheduler is not None and self.lr_scheduler not in LR_SCHEDULERS:
             raise HyperboothError(
                 f"--lr-scheduler must be one of {', '.join(LR_SCHEDULERS)}, got "

@@ -68,6 +68,8 @@ class PersonalizeConfig:
             raise HyperboothError("--no-hypernet and --hypernet-only together leave nothing to do")
         if self.rank < 1 or self.steps < 1 or self.batch_size < 1:
             raise HyperboothError("--rank, --steps and --batch-size must be >= 1")
+        if not self.learning_rate > 0:
+            raise HyperboothError(f"--lr must be > 0, got {self.learning_rate}")
         if self.mask_weight and not self.fine_tune:
             raise HyperboothError("--mask weighs the fine-tune's loss; --hypernet-only has none")
         # A --prompt without the token, or a negative --mask-weight, fails here, before anything

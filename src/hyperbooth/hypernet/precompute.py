@@ -62,6 +62,8 @@ class PrecomputeConfig:
     def __post_init__(self) -> None:
         if self.identities_per_step < 1 or self.steps < 1:
             raise HyperboothError("--identities-per-step and --steps must be >= 1")
+        if not self.learning_rate > 0:
+            raise HyperboothError(f"--lr must be > 0, got {self.learning_rate}")
         check_max_timestep(self.max_timestep)
 
     def settings(self) -> dict:

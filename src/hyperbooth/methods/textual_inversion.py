@@ -211,10 +211,30 @@ class TextualInversion(SubjectMethod):
 
 
 def load_textual_inversion(path: str | Path, base: object) -> list[str]:
-    """Add the tokens of a learned_embeds.safetensors file to a base; returns the tokens."""
+    """Add the tokens of a learned_embeds.safetensors file to a base; returns the tokens.
+
+    Also reads A1111's format, one tensor named emb_params, whose word is the file's stem.
+    """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    tensors = load_file(str(path))
+    path = Path(path)
+    if not path.is_file():
+        raise HyperboothError(f"embeddings file not found: {path} (check the path)")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise HyperboothError(
+            f"not a readable safetensors file: {path} ({str(error).splitlines()[0]}); pass a "
+            "learned_embeds.safetensors file"
+        ) from None
+    if set(tensors) == {"emb_params"}:  # A1111 / SD webui: the file's name is the word
+        tensors = {path.stem: tensors["emb_params"]}
+    if not tensors or any("." in token for token in tensors):
+        raise HyperboothError(
+            f"{path} holds model weights, not word embeddings (one tensor per token, as in "
+            "learned_embeds.safetensors); pass adapters with --adapter"
+        )
     added = []
     for token, vectors in tensors.items():
         vectors = vectors.reshape(-1, vectors.shape[-1])
