@@ -33,11 +33,14 @@ def test_prompt_sets_have_their_sizes_and_mini_matches_the_evaluation_prompts():
 def test_mini_subjects_are_held_out_references_with_traits(tmp_path):
     from hyperbooth.miniworld.evaluate import held_out_identities
 
-    subjects = read_subjects(mini_subjects(tmp_path, 2))
+    subjects = mini_subjects(tmp_path, 2)
     expected = [f"{k:03d}_id{i.index:07d}" for k, i in enumerate(held_out_identities(2))]
     assert [s.name for s in subjects] == expected
     info = json.loads(subjects[0].info.read_text())
     assert info["traits"] == held_out_identities(1)[0].names()
+    assert [s.name for s in mini_subjects(tmp_path, 1)] == expected[:1]  # not the folder's 2
+    (tmp_path / expected[0] / "._reference.png").write_bytes(b"\0")  # a macOS stub
+    assert len(read_subjects(tmp_path)[0].images) == 1
 
 
 def test_benchmark_runs_every_cell_once_and_summarises(tmp_path, capsys):
@@ -106,6 +109,9 @@ def test_bad_benchmark_specs_are_one_line_errors(tmp_path):
     with pytest.raises(HyperboothError, match="no subject folders"):
         read_subjects(tmp_path)
     assert cli(["benchmark", "--base", "tiny-random", "--subjects", "mini:x", "--out", "o"]) == 2
+    nothing = ["--subjects", "mini:1", "--prompts", "nosuch", "--out", str(tmp_path / "b")]
+    assert cli(["benchmark", "--base", "tiny-random", *nothing]) == 2
+    assert not (tmp_path / "b").exists()  # a bad --prompts fails before subjects are written
     bad_rate = ["--method-lr", "lora=fast", "--subjects", str(tmp_path), "--out", "o"]
     assert cli(["benchmark", "--base", "tiny-random", *bad_rate]) == 2
 

@@ -132,7 +132,7 @@ def test_kid_is_zero_in_expectation_for_one_distribution_and_grows_with_a_shift(
 
 
 def test_missing_backbones_and_bad_folders_are_one_line_errors(tmp_path):
-    with pytest.raises(HyperboothError, match="--clip"):
+    with pytest.raises(HyperboothError, match="--clip .*nowhere: no such folder"):
         ClipScorer(str(tmp_path / "nowhere"))
     with pytest.raises(HyperboothError, match="--dino"):
         DinoScorer(str(tmp_path / "nowhere"))
@@ -143,6 +143,9 @@ def test_missing_backbones_and_bad_folders_are_one_line_errors(tmp_path):
 
     with pytest.raises(HyperboothError, match="not a miniature-world reference"):
         judge_scores(read_generated(tmp_path, ["a"]), tmp_path / "none.json", ["a"], None)
+    (tmp_path / "picture.png").write_bytes(b"not a png")  # a damaged image: one line
+    with pytest.raises(HyperboothError, match="not a readable image"):
+        read_generated(tmp_path, ["a"])
 
 
 def test_cli_eval_writes_a_report(backbones, tmp_path):

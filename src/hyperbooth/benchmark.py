@@ -23,6 +23,7 @@ from PIL import Image
 from hyperbooth.adapters.config import AdapterConfig
 from hyperbooth.atomic import read_lines, stored_bytes, write_text
 from hyperbooth.errors import HyperboothError
+from hyperbooth.images import open_image
 from hyperbooth.machine import machine_info
 from hyperbooth.methods import NEW_WORD_METHODS
 
@@ -225,24 +226,29 @@ def read_prompt_set(spec: str) -> list[str]:
     return prompts
 
 
-def mini_subjects(folder: Path, count: int, seed: int = 0) -> Path:
-    """count held-out miniature-world identities as subject folders (reference + traits)."""
+def mini_subjects(folder: Path, count: int, seed: int = 0) -> list[Subject]:
+    """count held-out miniature-world identities as subject folders (reference + traits).
+
+    Returns exactly these subjects, whatever else the folder holds from earlier runs.
+    """
     from hyperbooth.images import save_png
     from hyperbooth.miniworld.evaluate import REFERENCE_CONTEXT, held_out_identities
     from hyperbooth.miniworld.render import render
 
+    names = []
     for index, identity in enumerate(held_out_identities(count, seed)):
         subject = folder / f"{index:03d}_id{identity.index:07d}"
+        names.append(subject.name)
         if (subject / "traits.json").is_file():
             continue
         save_png(render(identity, REFERENCE_CONTEXT, seed + index), subject / "reference.png")
         info = {"identity_index": identity.index, "traits": identity.names()}
         write_text(subject / "traits.json", json.dumps(info, indent=2))
-    return folder
+    return read_subjects(folder, names)
 
 
-def read_subjects(folder: str | Path) -> list[Subject]:
-    """Every subfolder with images is a subject; class.txt names its class (default face)."""
+def read_subjects(folder: str | Path, names: list[str] | None = None) -> list[Subject]:
+    """Every subfolder with images (or the named ones) is a subject; class.txt names its class."""
     from hyperbooth.images import IMAGE_SUFFIXES
 
     folder = Path(folder)
@@ -250,11 +256,18 @@ def read_subjects(folder: str | Path) -> list[Subject]:
         raise HyperboothError(f"--subjects {folder} is not a folder of subject folders")
     subjects = []
     for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
-        images = sorted(p for p in sub.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if names is not None and sub.name not in names:
+            continue
+        images = sorted(
+            p
+            for p in sub.iterdir()
+            # dot-files are macOS's "._IMG_0001.jpg" stubs, as collect_images skips them
+            if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+        )
         if not images:
             continue
         class_file, info = sub / "class.txt", sub / "traits.json"
-        class_name = class_file.read_text().strip() if class_file.is_file() else "face"
+        class_name = read_lines(class_file, "class name")[0] if class_file.is_file() else "face"
         subjects.append(Subject(sub.name, images, class_name, info if info.is_file() else None))
     if not subjects:
         raise HyperboothError(f"{folder} has no subject folders with images")
@@ -389,7 +402,7 @@ def run_cell(
             images.append(image)
             index.append(p)
     generated = Generated(images, index, [])
-    references = [Image.open(p).convert("RGB") for p in subject.images]
+    references = [open_image(p) for p in subject.images]  # upright, as training sees them
     clip, dino, face = scorers
     scores = evaluate(
         generated, references, texts, clip, dino, token=config.word(method), face=face
@@ -437,7 +450,7 @@ def run_benchmark(
     face = scorers[2]
     if face is not None:  # fail before any fitting, not after the first cell's; detection only
         for subject in {s.name: s for _, s in mine}.values():
-            references = (Image.open(p) for p in subject.images)
+            references = (open_image(p) for p in subject.images)
             if all(face.crop(image) is None for image in references):
                 raise HyperboothError(
                     f"subject {subject.name!r}: no face found in its photos, so --face cannot "

@@ -637,14 +637,15 @@ def cmd_benchmark(args: argparse.Namespace) -> None:
         device=args.device,
     )
     out = Path(args.out)
+    prompts = read_prompt_set(args.prompts)  # checked before anything is written
     folder = args.subjects
     if folder.startswith("mini:"):
         count = folder.partition(":")[2]
         if not count.isdigit():
             raise HyperboothError(f"--subjects {folder!r}: write mini:N, e.g. mini:20")
-        folder = mini_subjects(out / "subjects", int(count), args.seed)
-    subjects = read_subjects(folder)
-    prompts = read_prompt_set(args.prompts)
+        subjects = mini_subjects(out / "subjects", int(count), args.seed)
+    else:
+        subjects = read_subjects(folder)
     base = load_base(args.base)
     results = run_benchmark(base, subjects, prompts, config, out)
     if results is not None:
@@ -653,12 +654,10 @@ def cmd_benchmark(args: argparse.Namespace) -> None:
 
 
 def _open_images(inputs: list[str]) -> list:
-    """Every image in the given folders/files, as RGB, at its own size."""
-    from PIL import Image
+    """Every image in the given folders/files, as RGB, upright, at its own size."""
+    from hyperbooth.images import collect_images, open_image
 
-    from hyperbooth.images import collect_images
-
-    return [Image.open(p).convert("RGB") for p in collect_images(inputs)]
+    return [open_image(p) for p in collect_images(inputs)]
 
 
 def cmd_export(args: argparse.Namespace) -> None:

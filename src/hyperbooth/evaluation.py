@@ -34,6 +34,7 @@ import torch
 from PIL import Image
 
 from hyperbooth.errors import HyperboothError
+from hyperbooth.images import open_image
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 DEFAULT_DINO = "facebook/dino-vits16"
@@ -69,6 +70,12 @@ def preprocess(
 
 def _from_pretrained(kind: str, flag: str, cls, name: str, **kwargs):
     """cls.from_pretrained(name), or a one-line error naming the weights to provide."""
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+    if looks_local and not Path(name).expanduser().is_dir():
+        raise HyperboothError(
+            f"{flag} {name}: no such folder; pass {flag} with a local folder holding the {kind} "
+            "weights (a save_pretrained folder) or a hub id"
+        )
     try:
         return cls.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as error:
@@ -160,9 +167,15 @@ def _facenet(weights: str):
             f"--face {weights!r}: give {' or '.join(FACENET_WEIGHTS)} (downloaded by "
             "facenet-pytorch) or an existing .safetensors file of InceptionResnetV1's state dict"
         )
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    state = {k: v for k, v in load_file(path).items() if not k.startswith("logits.")}
+    try:
+        state = {k: v for k, v in load_file(path).items() if not k.startswith("logits.")}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise HyperboothError(
+            f"--face {path}: not a readable safetensors file ({str(error).splitlines()[0][:120]})"
+        ) from None
     model = InceptionResnetV1()
     try:
         model.load_state_dict(state)
@@ -300,7 +313,7 @@ def read_generated(folder: str | Path, prompts: Sequence[str]) -> Generated:
         raise HyperboothError(
             f"an image names prompt {max(indices)}, but --prompts has {len(prompts)} lines"
         )
-    images = [Image.open(p).convert("RGB") for p in paths]
+    images = [open_image(p) for p in paths]
     return Generated(images, indices, paths)
 
 

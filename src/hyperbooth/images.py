@@ -76,6 +76,12 @@ def load_image(
     )
 
 
+def open_image(path: str | os.PathLike[str]) -> Image.Image:
+    """Open a user image as RGB and upright at its own size (the one-line errors of load_image)."""
+    path = Path(path)
+    return _to_rgb(_open_upright(path, 1, 1), path)
+
+
 def load_images(
     inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     resolution: int,
