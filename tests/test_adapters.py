@@ -196,6 +196,34 @@ def test_adapter_for_another_base_is_a_one_line_error(tiny_base, tmp_path):
     assert "\n" not in str(err.value) and "sd15-arch" in str(err.value)
 
 
+def test_damaged_or_newer_adapter_metadata_is_a_one_line_error(tmp_path):
+    import json
+
+    from hyperbooth.adapters.files import METADATA_KEY, atomic_save_safetensors, read_adapter
+
+    good = {"format": "hyperbooth.adapter/1", "config": {"kind": "lora"}, "base_fingerprint": "x"}
+    for name, meta, match in (
+        ("json", "{not json", "metadata is damaged"),
+        ("newer", json.dumps({**good, "config": {"kind": "lora", "new_knob": 1}}), "newer"),
+        ("short", json.dumps({k: v for k, v in good.items() if k != "base_fingerprint"}),
+         "missing 'base_fingerprint'"),
+    ):  # fmt: skip
+        path = tmp_path / f"{name}.safetensors"
+        atomic_save_safetensors({"x": torch.zeros(1)}, path, {METADATA_KEY: meta})
+        with pytest.raises(HyperboothError, match=match):
+            read_adapter(path)
+    cd = tmp_path / "cd.safetensors"
+    atomic_save_safetensors(
+        {"x": torch.zeros(1)},
+        cd,
+        {METADATA_KEY: json.dumps({"format": "hyperbooth.custom-diffusion/1"})},
+    )
+    with pytest.raises(HyperboothError, match="through --custom-diffusion"):
+        read_adapter(cd)
+    with pytest.raises(HyperboothError, match="is a folder, not an adapter file"):
+        read_adapter(tmp_path)
+
+
 def test_pattern_matching_nothing_is_a_one_line_error(tiny_base):
     with pytest.raises(HyperboothError, match="matches no nn.Linear"):
         add_adapter(tiny_base, AdapterConfig(unet_targets=(r".*nonexistent",)))

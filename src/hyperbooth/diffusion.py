@@ -32,17 +32,15 @@ def diffusion_target(
     raise ValueError(f"unsupported prediction_type {kind!r}")
 
 
-def check_max_timestep(
-    max_timestep: int | None, num_train_timesteps: int | None = None, flag: str = "--max-timestep"
-) -> None:
+def check_max_timestep(max_timestep: int | None, num_train_timesteps: int | None = None) -> None:
     """A one-line error unless max_timestep is unset or a timestep bound in 1..num_train_timesteps."""
     if max_timestep is None:
         return
     if max_timestep < 1:
-        raise HyperboothError(f"{flag} must be >= 1, got {max_timestep}")
+        raise HyperboothError(f"--max-timestep must be >= 1, got {max_timestep}")
     if num_train_timesteps is not None and max_timestep > num_train_timesteps:
         raise HyperboothError(
-            f"{flag} {max_timestep} is past this base's {num_train_timesteps} timesteps; "
+            f"--max-timestep {max_timestep} is past this base's {num_train_timesteps} timesteps; "
             f"give 1-{num_train_timesteps}"
         )
 

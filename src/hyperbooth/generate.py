@@ -10,7 +10,6 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
 from hyperbooth.adapters.inject import subject_guidance, switch_adapters
-from hyperbooth.diffusion import check_max_timestep
 from hyperbooth.errors import HyperboothError
 
 
@@ -46,7 +45,12 @@ def generate_images(
     for flag, value in (("--n", n), ("--steps", steps), ("batch_size", batch_size)):
         if value < 1:
             raise HyperboothError(f"{flag} must be >= 1, got {value}")
-    check_max_timestep(adapter_below, base.scheduler.config.num_train_timesteps, "--adapter-below")
+    timesteps = base.scheduler.config.num_train_timesteps
+    if adapter_below is not None and adapter_below > timesteps:  # below 0 switch_adapters refuses
+        raise HyperboothError(
+            f"--adapter-below {adapter_below} is past this base's {timesteps} timesteps; "
+            f"give 0-{timesteps}"
+        )
     # both check their settings here, before any work
     switch = switch_adapters(base, None if subject_scale is not None else adapter_below)
     guide = subject_guidance(base, subject_scale, guidance, below=adapter_below)

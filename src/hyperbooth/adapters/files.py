@@ -141,6 +141,11 @@ def _unreadable(path: str | Path, error: Exception) -> HyperboothError:
 def _read_meta(path: str | Path) -> dict:
     """The hyperbooth metadata of an adapter file, from its header alone."""
     path = Path(path)
+    if path.is_dir():
+        raise HyperboothError(
+            f"{path} is a folder, not an adapter file; a DreamBooth model folder is a diffusers "
+            "model already (pass it as --base), an adapter is one .safetensors file"
+        )
     if not path.is_file():
         raise HyperboothError(f"adapter file not found: {path} (check the path)")
     try:
@@ -153,10 +158,18 @@ def _read_meta(path: str | Path) -> dict:
             f"{path} has no hyperbooth metadata; it is not a hyperbooth adapter "
             "(diffusers/kohya LoRA files are loaded by their own tools)"
         )
-    meta = json.loads(metadata[METADATA_KEY])
+    try:
+        meta = json.loads(metadata[METADATA_KEY])
+    except ValueError:
+        meta = None
+    if not isinstance(meta, dict):
+        raise HyperboothError(f"{path}: its hyperbooth metadata is damaged (not a JSON object)")
     if meta.get("format") != FORMAT:
+        hint = ""
+        if str(meta.get("format", "")).startswith("hyperbooth.custom-diffusion"):
+            hint = "; it is a Custom Diffusion file: draw with it through --custom-diffusion"
         raise HyperboothError(
-            f"{path} has adapter format {meta.get('format')!r}, expected {FORMAT!r}"
+            f"{path} has adapter format {meta.get('format')!r}, expected {FORMAT!r}{hint}"
         )
     return meta
 
@@ -183,14 +196,21 @@ def _adapter_file(meta: dict, tensors: dict[str, torch.Tensor]) -> AdapterFile:
 def read_adapter_parts(path: str | Path) -> dict[str, AdapterFile]:
     """Every adapter a file holds, by part name ("" for an ordinary one-adapter file)."""
     meta, tensors = _read_file(path)
-    if "parts" not in meta:
-        return {"": _adapter_file(meta, tensors)}
-    parts = {}
-    for part in meta["parts"]:
-        prefix = f"{part['name']}{PART_SEPARATOR}"
-        own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-        parts[part["name"]] = _adapter_file(part, own)
-    return parts
+    try:
+        if "parts" not in meta:
+            return {"": _adapter_file(meta, tensors)}
+        parts = {}
+        for part in meta["parts"]:
+            prefix = f"{part['name']}{PART_SEPARATOR}"
+            own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+            parts[part["name"]] = _adapter_file(part, own)
+        return parts
+    except (KeyError, TypeError, ValueError) as error:
+        reason = f"missing {error}" if isinstance(error, KeyError) else str(error).splitlines()[0]
+        raise HyperboothError(
+            f"{path}: cannot read its adapter settings ({reason}); it may come from a newer "
+            "hyperbooth (upgrade) or be damaged"
+        ) from None
 
 
 def read_adapter(path: str | Path) -> AdapterFile:
