@@ -101,6 +101,8 @@ def test_bad_benchmark_specs_are_one_line_errors(tmp_path):
         BenchmarkConfig(methods=("lidb", "magic"))
     with pytest.raises(HyperboothError, match="--hypernet"):
         BenchmarkConfig(methods=("hyperdreambooth",))
+    with pytest.raises(HyperboothError, match="--seeds and --sampling-steps must be >= 1"):
+        BenchmarkConfig(seeds=0)
     with pytest.raises(HyperboothError, match="--method-steps names an unknown method 'lorra'"):
         BenchmarkConfig(steps={"lorra": 100})
     (tmp_path / "p.txt").write_text("a photo\n")

@@ -45,3 +45,16 @@ def test_empty_folders_and_no_match_are_one_line_errors(tiny_base, tmp_path, cap
     assert cli([*base, "--threshold", "0.99", "--out", str(tmp_path / "out"), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report[0]["image"] == "a.png" and (tmp_path / "out" / "a.txt").is_file()
+    assert (tmp_path / "out" / "a.png").stat().st_mode & 0o777 == (
+        folder / "a.png"
+    ).stat().st_mode & 0o777
+    for flags, message in (
+        (["--limit", "0", "--out", str(tmp_path / "o2")], "--limit must be >= 1"),
+        (["--threshold", "0.99", "--out", str(folder)], "is the folder searched"),
+    ):
+        capsys.readouterr()
+        assert cli([*base, *flags]) == 2
+        assert message in capsys.readouterr().err
+    (folder / "a.txt").write_bytes("un visage \xe9t\xe9".encode("latin-1"))
+    with pytest.raises(HyperboothError, match="not UTF-8"):
+        captioned_images(folder)

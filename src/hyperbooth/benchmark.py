@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from hyperbooth.adapters.config import AdapterConfig
-from hyperbooth.atomic import read_lines, stored_bytes, write_text
+from hyperbooth.atomic import atomic_file, read_lines, stored_bytes, write_text
 from hyperbooth.errors import HyperboothError
 from hyperbooth.images import open_image
 from hyperbooth.machine import machine_info
@@ -150,6 +150,8 @@ class BenchmarkConfig:
         self.methods = tuple(row.name for row in self.rows)
         if len(set(self.methods)) != len(self.methods):
             raise HyperboothError(f"row names repeat: {', '.join(self.methods)}")
+        if self.seeds < 1 or self.sampling_steps < 1:
+            raise HyperboothError("--seeds and --sampling-steps must be >= 1")
         for flag, given in (("--method-steps", self.steps), ("--method-lr", self.learning_rates)):
             unknown = sorted(set(given) - set(BENCHMARK_METHODS))
             if unknown:
@@ -546,7 +548,8 @@ def _figures(rows: list[dict], results: list[dict], config: BenchmarkConfig, out
         axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
         axis.set_title("scores (mean over subjects)")
         figure.tight_layout()
-        figure.savefig(out / "scores.png", dpi=100)
+        with atomic_file(out / "scores.png") as temporary:
+            figure.savefig(temporary, dpi=100, format="png")
         pyplot.close(figure)
     figure, axes = pyplot.subplots(1, 2, figsize=(max(10, 1.1 * len(rows)), 4))
     axes[0].bar(names, [r["fit_seconds"] for r in rows], label="personalise")
@@ -565,7 +568,8 @@ def _figures(rows: list[dict], results: list[dict], config: BenchmarkConfig, out
         axis.tick_params(axis="x", labelsize=8)
         pyplot.setp(axis.get_xticklabels(), rotation=40, ha="right", rotation_mode="anchor")
     figure.tight_layout()
-    figure.savefig(out / "cost.png", dpi=100)
+    with atomic_file(out / "cost.png") as temporary:
+        figure.savefig(temporary, dpi=100, format="png")
     pyplot.close(figure)
     first = results[0]["subject"]
     grid_rows, labels = [], []

@@ -41,7 +41,10 @@ def captioned_images(folder: str | Path) -> list[tuple[Path, str]]:
     for image in sorted(folder.iterdir()):
         caption = image.with_suffix(".txt")
         if image.suffix.lower() in IMAGE_SUFFIXES and caption.is_file():
-            pairs.append((image, caption.read_text().strip()))
+            try:
+                pairs.append((image, caption.read_text(encoding="utf-8").strip()))
+            except UnicodeDecodeError:
+                raise HyperboothError(f"{caption} is not UTF-8 text; save it as UTF-8") from None
     if not pairs:
         raise HyperboothError(
             f"{folder} has no captioned images: put name.txt (its caption) beside each name.png"
@@ -69,6 +72,8 @@ def retrieve(
     limit: int | None = None,
 ) -> list[Match]:
     """The captioned images whose caption's similarity to the prompt is >= threshold, best first."""
+    if limit is not None and limit < 1:
+        raise HyperboothError(f"--limit must be >= 1, got {limit}")
     pairs = captioned_images(folder)
     scores = (
         text_features(base, [caption for _, caption in pairs]) @ text_features(base, [prompt])[0]
@@ -84,9 +89,14 @@ def retrieve(
 
 def copy_matches(matches: list[Match], out: str | Path) -> Path:
     """Copy the retrieved images and their captions into out (a class-images folder)."""
+    from hyperbooth.atomic import atomic_file
+
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     for match in matches:
-        shutil.copy2(match.image, out / match.image.name)
-        shutil.copy2(match.image.with_suffix(".txt"), out / match.image.with_suffix(".txt").name)
+        for source in (match.image, match.image.with_suffix(".txt")):
+            target = out / source.name
+            if target.exists() and target.resolve() == source.resolve():
+                raise HyperboothError(f"--out {out} is the folder searched; give another folder")
+            with atomic_file(target) as temporary:
+                shutil.copy2(source, temporary)
     return out

@@ -104,7 +104,9 @@ def read_templates(spec: str | None) -> tuple[str, ...] | None:
             f"--templates {spec!r} is neither {' nor '.join(TEMPLATE_SETS)} nor a file of "
             "templates (one per line, each with {} where the word goes)"
         )
-    return tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
+    from hyperbooth.atomic import read_lines
+
+    return tuple(read_lines(path, "templates"))
 
 
 def token_names(token: str, vectors: int) -> list[str]:

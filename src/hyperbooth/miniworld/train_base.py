@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from hyperbooth.adapters.files import atomic_save_safetensors
-from hyperbooth.atomic import write_text
+from hyperbooth.atomic import atomic_file, write_text
 from hyperbooth.bases import (
     CLIP_MAX_LENGTH,
     CLIP_VOCAB_SIZE,
@@ -582,8 +582,8 @@ def plot_losses(losses: dict[str, list[float]], path: Path) -> None:
         axis.set_title(titles[stage])
         axis.legend()
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
+    with atomic_file(path) as temporary:
+        figure.savefig(temporary, dpi=100, format="png")
     pyplot.close(figure)
 
 
