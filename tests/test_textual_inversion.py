@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -185,6 +186,8 @@ def test_pivotal_lora_trains_the_word_and_the_adapter_and_generate_reads_both(tm
     generate += ["--prompt", "a <me> face", "--n", "1", "--steps", "2"]
     # The word loads from the file beside the adapter, or from --textual-inversion as given.
     assert cli([*generate, "--out", str(grid)]) == 0 and grid.is_file()
+    record = json.loads(grid.with_suffix(".json").read_text())["textual_inversion"]
+    assert record == {"files": [str(out / LEARNED_EMBEDS)], "tokens": ["<me>"]}  # reproducible
     explicit = [*generate, "--textual-inversion", str(out / LEARNED_EMBEDS)]
     assert cli([*explicit, "--out", str(tmp_path / "explicit.png")]) == 0
     (out / LEARNED_EMBEDS).rename(tmp_path / "moved.safetensors")

@@ -30,21 +30,6 @@ def _dtype(name: str | None):
 DESCRIPTION = """\
 Personalise Stable Diffusion-family models from a few photos of a subject.
 
-verbs:
-  info      count the layers, trainable numbers and bytes a method adds to a base
-  train     fit a subject with dreambooth, lora, lidb, textual-inversion or custom-diffusion
-  merge     combine Custom Diffusion concepts in closed form (constrained least squares)
-  eval      score generated images: CLIP-T, CLIP-I, DINO, DIV (+ judges on the mini world)
-  benchmark every method on every subject: table, CSV, figures (resumable, sharded)
-  generate  draw prompts with a base and any adapters into a PNG grid (+ JSON)
-  export    convert a hyperbooth adapter to diffusers' or kohya's LoRA format
-  precompute  fit one LiDB per identity image, K at a time (HyperDreamBooth's training set)
-  train-hypernet  train the hypernetwork on images and their pre-optimised LiDBs
-  personalize  HyperDreamBooth from one image: predict, merge, rank-relaxed fast fine-tune
-  rare-tokens  words rare enough to name a subject (Custom Diffusion's and DreamBooth's rules)
-  retrieve  a regularisation set: captioned images whose captions are close to a prompt
-  demo      personalise the built-in mini model from one image, draw and score it
-
 A base (--base) is a diffusers folder, a Hugging Face hub id already in the local cache,
 or a built-in: mini (the miniature world's trained model), tiny-random (tests),
 sd15-arch (SD1.5 shapes, random weights).
@@ -287,6 +272,8 @@ def cmd_train(args: argparse.Namespace) -> None:
             word_learning_rate=args.word_lr,
         )
         prompts = list(subject.instance_prompts or [subject.prompt])
+        if textual_inversion.templates and args.method == "textual-inversion":
+            prompts = [t.format(subject.token) for t in textual_inversion.templates]
     summary = {
         "output": str(result.output),
         "method": args.method,
@@ -391,8 +378,18 @@ def _captions(path: str | None, count: int, seed: int) -> list[str]:
 
 
 def _lines(summary: dict) -> str:
-    """A dict as aligned 'key value' lines."""
-    return "\n".join(f"{k:<11} {v}" for k, v in summary.items())
+    """A dict as aligned 'key value' lines (dicts and lists inside it written out plainly)."""
+
+    def plain(value: object) -> str:
+        if isinstance(value, dict):
+            return ", ".join(f"{k} {plain(v)}" for k, v in value.items())
+        if isinstance(value, (list, tuple)):
+            return ", ".join(plain(v) for v in value)
+        if isinstance(value, float):
+            return f"{value:g}"
+        return str(value)
+
+    return "\n".join(f"{k:<11} {plain(v)}" for k, v in summary.items())
 
 
 def _parse_adapter_arg(text: str) -> tuple[str, float]:
@@ -423,12 +420,15 @@ def _check_new_words(base: object, prompts: list[str]) -> None:
                 )
 
 
-def _pivotal_words(specs: list[str], base: object) -> list[str]:
-    """Load the word a --pivotal adapter names from the learned_embeds file beside it."""
+def _pivotal_words(specs: list[str], base: object) -> tuple[list[str], list[str]]:
+    """Load the word a --pivotal adapter names from the learned_embeds file beside it.
+
+    Returns the words and the files they came from.
+    """
     from hyperbooth.adapters.files import adapter_infos
     from hyperbooth.methods.textual_inversion import load_textual_inversion
 
-    words = []
+    words, files = [], []
     for spec in specs:
         path, _ = _parse_adapter_arg(spec)
         for info in adapter_infos(path):
@@ -442,7 +442,8 @@ def _pivotal_words(specs: list[str], base: object) -> list[str]:
                     f"is not beside it; pass it with --textual-inversion"
                 )
             words += load_textual_inversion(embeds, base)
-    return words
+            files.append(str(embeds))
+    return words, files
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -469,7 +470,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     words = [
         token for path in args.textual_inversion for token in load_textual_inversion(path, base)
     ]
-    words += _pivotal_words(args.adapter, base)
+    pivotal_words, pivotal_files = _pivotal_words(args.adapter, base)
+    words += pivotal_words
     concepts = []
     for spec in args.custom_diffusion:
         path, weight = _parse_adapter_arg(spec)
@@ -507,7 +509,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     record = {
         "base": args.base,
         "adapters": adapters,
-        "textual_inversion": {"files": args.textual_inversion, "tokens": words},
+        # the words --pivotal adapters brought along are loaded from the files beside them
+        "textual_inversion": {"files": args.textual_inversion + pivotal_files, "tokens": words},
         "custom_diffusion": concepts,
         "prompts": args.prompt,
         "n": args.n,
@@ -522,7 +525,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
         "grid": str(out),
     }
     write_text(out.with_suffix(".json"), json.dumps(record, indent=2))
-    print(f"wrote {out} ({len(args.prompt)} prompts x {args.n}) in {seconds:.1f} s")
+    rows = f"{len(args.prompt)} prompt{'s' if len(args.prompt) > 1 else ''}"
+    print(f"wrote {out} ({rows} x {args.n} images) in {seconds:.1f} s")
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
@@ -847,7 +851,7 @@ def cmd_rare_tokens(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(report, indent=2))
         return
-    print(f"{report['corpus']}: {len(captions)} captions")
+    print(f"corpus: {report['corpus']}" + (f" ({len(captions)} captions)" if args.captions else ""))
     print(
         f"seen {args.low}-{args.high} times: "
         + (", ".join(f"{w} ({c})" for w, c in found) or "none")
@@ -899,7 +903,9 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     p = verbs.add_parser(
-        "info", help="count what a method adds to a base", description=cmd_info.__doc__
+        "info",
+        help="count the layers, trainable numbers and bytes a method adds to a base",
+        description=cmd_info.__doc__,
     )
     _base_flags(p)
     p.add_argument("--method", choices=METHODS, default="lidb")
@@ -910,11 +916,18 @@ def build_parser() -> argparse.ArgumentParser:
     _adapter_flags(p)
     p.set_defaults(func=cmd_info)
 
-    p = verbs.add_parser("train", help="fit a subject", description=cmd_train.__doc__)
+    p = verbs.add_parser(
+        "train",
+        help="fit a subject: dreambooth, lora, lidb, textual-inversion, custom-diffusion",
+        description=cmd_train.__doc__,
+    )
     p.add_argument("--method", choices=METHODS, required=True)
     _base_flags(p)
     p.add_argument(
-        "--images", nargs="+", required=True, help="a folder of photos, or photo files (1-5)"
+        "--images",
+        nargs="+",
+        required=True,
+        help="a folder of photos, or photo files (1-5 is typical)",
     )
     p.add_argument(
         "--out", required=True, help="output folder (adapter.safetensors or model/ + checkpoint/)"
@@ -1061,11 +1074,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = verbs.add_parser(
-        "generate", help="draw prompts into a PNG grid", description=cmd_generate.__doc__
+        "generate",
+        help="draw prompts with a base and any adapters into a PNG grid (+ JSON)",
+        description=cmd_generate.__doc__,
     )
     _base_flags(p)
     p.add_argument(
-        "--adapter", action="append", default=[], metavar="FILE[:WEIGHT]", help="repeatable"
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="FILE[:WEIGHT]",
+        help="an adapter file; :WEIGHT scales its change (default 1); repeatable",
     )
     p.add_argument(
         "--region",
@@ -1126,7 +1145,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser(
         "merge",
-        help="combine Custom Diffusion concepts in closed form",
+        help="combine Custom Diffusion concepts in closed form (constrained least squares)",
         description=cmd_merge.__doc__
         + " Each K/V weight stays as close to the base as possible on regularisation captions"
         " while mapping every concept's prompt exactly as that concept's own weights do"
@@ -1140,12 +1159,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="regularisation captions, one per line (default: the miniature world's)",
     )
-    p.add_argument("--num-captions", type=int, default=1000, help="default corpus size")
+    p.add_argument(
+        "--num-captions",
+        type=int,
+        default=1000,
+        help="how many miniature-world captions, without --captions (default 1000)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_merge)
 
-    p = verbs.add_parser("eval", help="score generated images", description=cmd_eval.__doc__)
+    p = verbs.add_parser(
+        "eval",
+        help="score generated images: CLIP-T, CLIP-I, DINO, DIV, face, PRES, KID (+ the mini "
+        "world's judges)",
+        description=cmd_eval.__doc__,
+    )
     p.add_argument(
         "--generated",
         required=True,
@@ -1192,7 +1221,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _verb(
         verbs,
         "benchmark",
-        "every method on every subject: scores, times, sizes, pictures",
+        "every method on every subject: table, CSV, figures (resumable, sharded)",
         cmd_benchmark,
     )
     _base_flags(p)
@@ -1257,7 +1286,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_benchmark)
 
     p = verbs.add_parser(
-        "export", help="convert an adapter for other tools", description=cmd_export.__doc__
+        "export",
+        help="convert a hyperbooth adapter to diffusers' or kohya's LoRA format",
+        description=cmd_export.__doc__,
     )
     p.add_argument("--adapter", required=True, help="a hyperbooth adapter .safetensors")
     p.add_argument("--format", choices=EXPORT_FORMATS, required=True)
@@ -1272,7 +1303,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _verb(
         verbs,
         "precompute",
-        "fit one LiDB per identity image (HyperDreamBooth's training set)",
+        "fit one LiDB per identity image, K at a time (HyperDreamBooth's training set)",
         cmd_precompute,
     )
     _base_flags(p)
@@ -1302,7 +1333,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_precompute)
 
     p = _verb(
-        verbs, "train-hypernet", "train the hypernetwork (after precompute)", cmd_train_hypernet
+        verbs,
+        "train-hypernet",
+        "train the hypernetwork on images and their pre-optimised LiDBs",
+        cmd_train_hypernet,
     )
     _base_flags(p)
     p.add_argument("--images", required=True, help="the folder given to precompute")
@@ -1358,7 +1392,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true")
     p.set_defaults(func=cmd_train_hypernet)
 
-    p = _verb(verbs, "personalize", "HyperDreamBooth from one image", cmd_personalize)
+    p = _verb(
+        verbs,
+        "personalize",
+        "HyperDreamBooth from one image: predict, merge, fast fine-tune",
+        cmd_personalize,
+    )
     _base_flags(p)
     p.add_argument(
         "--hypernet",
@@ -1425,9 +1464,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_personalize)
 
-    p = _verb(verbs, "rare-tokens", "words rare enough to name a subject", cmd_rare_tokens)
+    p = _verb(
+        verbs,
+        "rare-tokens",
+        "words rare enough to name a subject (Custom Diffusion's, DreamBooth's rules)",
+        cmd_rare_tokens,
+    )
     p.add_argument("--captions", default=None, help="text file, one caption per line")
-    p.add_argument("--mini-captions", type=int, default=300, help="default corpus size")
+    p.add_argument(
+        "--mini-captions",
+        type=int,
+        default=300,
+        help="without --captions: how many miniature-world captions (default 300)",
+    )
     p.add_argument("--low", type=int, default=5)
     p.add_argument("--high", type=int, default=10)
     p.add_argument("--dreambooth", type=int, default=10, help="how many short tokens to sample")
@@ -1437,7 +1486,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser(
         "retrieve",
-        help="a regularisation set from captioned images",
+        help="a regularisation set: captioned images whose captions are close to a prompt",
         description=cmd_retrieve.__doc__,
     )
     _base_flags(p)
@@ -1450,7 +1499,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_retrieve)
 
     p = verbs.add_parser(
-        "demo", help="end-to-end run on a built-in model", description=cmd_demo.__doc__
+        "demo",
+        help="personalise the built-in mini model from one image, draw and score it",
+        description=cmd_demo.__doc__,
     )
     p.add_argument("--out", default="demo-output")
     p.add_argument(
@@ -1464,7 +1515,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--base", default="mini", help="a miniature-world model (default: mini)")
     p.set_defaults(func=cmd_demo)
+    for verb in verbs.choices.values():
+        _show_defaults(verb)
     return parser
+
+
+class _DefaultsHelp(argparse.RawDescriptionHelpFormatter):
+    """Descriptions as written; every flag's help ends with its default unless it names one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        """The flag's help, with its default appended where that says something."""
+        text = (action.help or "").strip()
+        if not _says_something(action.default) or "default" in text.lower():
+            return text
+        return f"{text} (default {action.default})" if text else f"default {action.default}"
+
+
+def _says_something(default: object) -> bool:
+    """Whether a flag's default is worth printing (not unset, off, or an empty list)."""
+    return not (
+        default is None or default is False or default == [] or default == argparse.SUPPRESS
+    )
+
+
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Make a verb's --help show every default, including flags that have no help text."""
+    parser.formatter_class = _DefaultsHelp
+    for action in parser._actions:  # argparse keeps no public list of a parser's actions
+        if not action.help and _says_something(action.default):
+            action.help = f"default {action.default}"  # argparse prints no line without help
 
 
 def main(argv: list[str] | None = None) -> int:
