@@ -230,6 +230,16 @@ def test_saved_adapters_get_the_permissions_of_a_plain_file(tmp_path):
     assert mode == (tmp_path / "plain").stat().st_mode & 0o777  # 0644 under umask 022
 
 
+def test_help_needs_neither_torch_nor_diffusers():
+    # `hyperbooth --help` and every verb's --help answer at once, without the 3 s of imports
+    code = (
+        "import sys, hyperbooth.cli as c; c.build_parser(); "
+        "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr
+
+
 def test_entry_point_exits_non_zero_without_traceback(tmp_path):
     result = subprocess.run(
         [

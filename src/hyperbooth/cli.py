@@ -95,7 +95,7 @@ def _adapter_config(args: argparse.Namespace, kind: str):
 
 def _schedule_flags(p: argparse.ArgumentParser) -> None:
     """--lr-scheduler and --lr-warmup-steps, as diffusers' training scripts take them."""
-    from hyperbooth.training import LR_SCHEDULERS
+    from hyperbooth.choices import LR_SCHEDULERS
 
     p.add_argument(
         "--lr-scheduler",
@@ -113,7 +113,7 @@ def _schedule_flags(p: argparse.ArgumentParser) -> None:
 
 def _precision_flag(p: argparse.ArgumentParser) -> None:
     """--mixed-precision, as every training verb takes it."""
-    from hyperbooth.training import PRECISIONS
+    from hyperbooth.choices import PRECISIONS
 
     p.add_argument(
         "--mixed-precision",
@@ -892,8 +892,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every verb."""
-    from hyperbooth.adapters.export import EXPORT_FORMATS
-    from hyperbooth.methods import METHODS
+    from hyperbooth.choices import EXPORT_FORMATS, METHODS
 
     parser = argparse.ArgumentParser(
         prog="hyperbooth",

@@ -27,19 +27,10 @@ from accelerate.utils import InitProcessGroupKwargs
 from tqdm.auto import tqdm
 
 from hyperbooth.adapters.files import atomic_save_safetensors
+from hyperbooth.choices import LR_SCHEDULERS, PRECISIONS
 from hyperbooth.errors import HyperboothError
 from hyperbooth.machine import cpu_precision, native_bf16_cpu
 
-PRECISIONS = ("no", "bf16", "fp16", "auto")  # auto: resolve_precision
-# diffusers.optimization's schedules that need nothing but warm-up and total steps.
-LR_SCHEDULERS = (
-    "constant",
-    "constant_with_warmup",
-    "linear",
-    "cosine",
-    "cosine_with_restarts",
-    "polynomial",
-)
 FOREACH_MAX_NUMBERS = 50_000_000
 BARRIER_TIMEOUT = timedelta(hours=6)  # how long a process may wait for the others
 

@@ -20,9 +20,9 @@ from hyperbooth.adapters.files import (
     load_adapters,
     read_adapter_parts,
 )
+from hyperbooth.choices import EXPORT_FORMATS
 from hyperbooth.errors import HyperboothError
 
-EXPORT_FORMATS = ("diffusers", "kohya")
 # The file name diffusers' load_lora_weights looks for when given a folder.
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 _KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}

@@ -9,6 +9,7 @@ from PIL import Image
 
 from hyperbooth.adapters.config import AdapterConfig
 from hyperbooth.adapters.inject import add_adapter, target_layers
+from hyperbooth.choices import METHODS, NEW_WORD_METHODS
 from hyperbooth.errors import HyperboothError
 from hyperbooth.methods.common import SubjectConfig, SubjectData, SubjectMethod, prepare_subject
 from hyperbooth.methods.custom_diffusion import (
@@ -20,9 +21,6 @@ from hyperbooth.methods.dreambooth import DreamBooth, DreamBoothConfig
 from hyperbooth.methods.lora import ADAPTER_FILE, AdapterDreamBooth, AdapterMethodConfig
 from hyperbooth.methods.textual_inversion import TextualInversion, TextualInversionConfig
 from hyperbooth.training import TrainConfig, TrainResult, make_accelerator, train
-
-METHODS = ("dreambooth", "lora", "lidb", "textual-inversion", "custom-diffusion")
-NEW_WORD_METHODS = ("textual-inversion", "custom-diffusion")  # they need a word not yet known
 
 
 def make_method(
