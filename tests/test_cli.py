@@ -174,6 +174,9 @@ def test_bad_inputs_are_one_line_errors(tmp_path, photo_dir, capsys):
     ):
         assert message in _error(capsys, [*gen, *flags])
     assert "--lr must be > 0" in _error(capsys, [*train, *ok, "--lr", "-1"])
+    (tmp_path / "afile").write_text("")
+    blocked = [*train, "--images", str(photo_dir), "--out", str(tmp_path / "afile")]
+    assert "a file is in the way of a folder" in _error(capsys, blocked)
     assert not (tmp_path / "g.png").exists()
     assert not (tmp_path / "o" / "adapter.safetensors").exists()
 

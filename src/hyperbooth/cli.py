@@ -1553,6 +1553,20 @@ def main(argv: list[str] | None = None) -> int:
     except HyperboothError as e:
         print(f"hyperbooth: error: {e}", file=sys.stderr)
         return 2
+    except (FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
+        # a path that is the wrong kind of thing, or not ours to write: the user's to fix
+        what = next(
+            text
+            for kind, text in (
+                (FileExistsError, "a file is in the way of a folder"),
+                (NotADirectoryError, "a file stands where a folder should be"),
+                (IsADirectoryError, "a folder stands where a file should be"),
+                (PermissionError, "permission denied"),
+            )
+            if isinstance(e, kind)
+        )
+        print(f"hyperbooth: error: {e.filename}: {what} (choose another path)", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("hyperbooth: interrupted", file=sys.stderr)
         return 130
