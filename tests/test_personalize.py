@@ -136,6 +136,12 @@ def test_a_bad_image_is_a_one_line_error(tiny_base, tmp_path, capsys):
     error = capsys.readouterr().err
     assert code == 2 and error.count("\n") == 1 and "broken.png" in error
     assert not (tmp_path / "me.safetensors").exists()
+    for config, match in (
+        ({"iterations": 0}, "--iterations must be >= 1"),
+        ({"unet_targets": ("*conv",)}, "--unet-targets '[*]conv' is not a regex"),
+    ):
+        with pytest.raises(HyperboothError, match=match):
+            PersonalizeConfig(**config)
 
 
 _PREDICT_IN_NEW_PROCESS = """

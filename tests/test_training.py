@@ -13,7 +13,7 @@ from hyperbooth.adapters.config import AdapterConfig
 from hyperbooth.errors import HyperboothError
 from hyperbooth.methods import SubjectConfig, TextualInversionConfig, personalise
 from hyperbooth.methods.common import class_images, class_images_folder
-from hyperbooth.training import TrainConfig
+from hyperbooth.training import TrainConfig, make_accelerator
 
 SMALL_LIDB = AdapterConfig(kind="lidb", lidb_a=16, lidb_b=8)
 
@@ -101,6 +101,28 @@ def test_resume_with_other_settings_is_refused(tiny_base, tmp_path):
             resume=True,
             progress=False,
         )
+    personalise(
+        copy.deepcopy(tiny_base),
+        images,
+        tmp_path / "three",
+        "lidb",
+        adapter=SMALL_LIDB,
+        train_config=TrainConfig(steps=3, device="cpu", checkpoint_every=2),
+        progress=False,
+    )
+    with pytest.raises(HyperboothError, match="at step 3; resume with --steps >= 3"):
+        personalise(
+            copy.deepcopy(tiny_base),
+            images,
+            tmp_path / "three",
+            "lidb",
+            adapter=SMALL_LIDB,
+            train_config=TrainConfig(steps=1, device="cpu", checkpoint_every=2),
+            resume=True,
+            progress=False,
+        )
+    with pytest.raises(HyperboothError, match="--device 'gpu': give auto, cpu or cuda"):
+        make_accelerator(TrainConfig(device="gpu"))
 
 
 def test_training_reduces_loss_and_trains_only_the_adapter(tiny_base, tmp_path):

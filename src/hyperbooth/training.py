@@ -143,6 +143,11 @@ def step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generat
 
 def make_accelerator(config: TrainConfig) -> Accelerator:
     """An Accelerator on the requested device and precision (works under `accelerate launch`)."""
+    if config.device not in ("auto", "cpu", "cuda"):
+        raise HyperboothError(
+            f"--device {config.device!r}: give auto, cpu or cuda (choose the GPU with "
+            "CUDA_VISIBLE_DEVICES=N, or run one process per GPU with accelerate launch)"
+        )
     use_cpu = config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available())
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         raise HyperboothError(
@@ -348,6 +353,11 @@ def train(
     run_info = json.loads(json.dumps(run_info))  # what JSON would give back, for comparison
 
     start_step = load_checkpoint(out_dir, trainable, optimizer, run_info) if resume else 0
+    if start_step > config.steps:
+        raise HyperboothError(
+            f"the checkpoint in {out_dir} is at step {start_step}; resume with --steps "
+            f">= {start_step} (or train into a new --out)"
+        )
     world, rank = accelerator.num_processes, accelerator.process_index
     if not config.distributed:
         world, rank = 1, 0

@@ -9,6 +9,7 @@ Ablations: no hypernetwork (fine-tune from zero), hypernetwork only, K iteration
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -70,6 +71,17 @@ class PersonalizeConfig:
             raise HyperboothError("--rank, --steps and --batch-size must be >= 1")
         if not self.learning_rate > 0:
             raise HyperboothError(f"--lr must be > 0, got {self.learning_rate}")
+        if self.iterations is not None and self.iterations < 1:
+            raise HyperboothError(f"--iterations must be >= 1, got {self.iterations}")
+        for flag, patterns in (
+            ("--unet-targets", self.unet_targets),
+            ("--text-encoder-targets", self.text_encoder_targets),
+        ):
+            for pattern in patterns or ():
+                try:
+                    re.compile(pattern)
+                except re.error as error:
+                    raise HyperboothError(f"{flag} {pattern!r} is not a regex ({error})") from None
         if self.mask_weight and not self.fine_tune:
             raise HyperboothError("--mask weighs the fine-tune's loss; --hypernet-only has none")
         # A --prompt without the token, or a negative --mask-weight, fails here, before anything
@@ -149,6 +161,9 @@ def personalize(
         raise HyperboothError(
             "--mask and --mask-weight go together: a mask of the subject and its weight (> 0)"
         )
+    # Predict and fine-tune where the accelerator trains (CUDA when present), wherever the
+    # caller loaded the base (the demo loads it on the CPU).
+    base.to(make_accelerator(TrainConfig(device=config.device)).device)
     seconds: dict[str, float] = {}
     parts: dict[str, tuple[Adapter, dict]] = {}
     subject = config.subject()
