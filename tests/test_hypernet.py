@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from transformers import ViTConfig, ViTModel
 
 from hyperbooth.adapters.inject import add_adapter, target_layers, weights_fingerprint
+from hyperbooth.bases import load_base
 from hyperbooth.cli import main as cli
 from hyperbooth.errors import HyperboothError
 from hyperbooth.hypernet.model import HyperNetConfig, HyperNetwork, load_hypernet, save_hypernet
@@ -77,6 +78,8 @@ def test_a_pretrained_encoder_loads_by_path_stays_frozen_and_is_not_copied(tiny_
     images = torch.rand(1, 3, 32, 32)
     with torch.no_grad():
         out_a, out_b = hypernet(images), again(images)
+        # a base of 64 px (image_size 64) feeds the 32-px ViT at its own size
+        _hypernet(tiny_base, encoder=str(tmp_path / "vit"), image_size=64)(torch.rand(1, 3, 64, 64))
     assert all(torch.equal(out_a[k], out_b[k]) for k in out_a)
     with pytest.raises(HyperboothError, match="image encoder"):
         _hypernet(tiny_base, encoder=str(tmp_path / "nothing-here"))
@@ -217,6 +220,13 @@ def test_train_hypernet_runs_and_resumes_exactly(tmp_path):
         json.loads((tmp_path / run / "loss_terms.json").read_text()) for run in ("full", "split")
     ]
     assert len(terms[0]) == 4 and terms[0] == terms[1]
+    # an image edited after its LiDB was fitted is refused, not paired with the old fit
+    from hyperbooth.hypernet.train import load_identity_set
+
+    first = sorted((tmp_path / "faces").iterdir())[0]
+    Image.new("RGB", (32, 32), (1, 2, 3)).save(first)
+    with pytest.raises(HyperboothError, match="changed since its LiDB was fitted"):
+        load_identity_set(load_base("tiny-random"), tmp_path / "faces", tmp_path / "pre")
 
 
 @pytest.mark.parametrize("convs", [False, True], ids=["attention", "resnet-convs"])

@@ -143,7 +143,9 @@ def _base_flags(parser: argparse.ArgumentParser, required: bool = True) -> None:
         help="diffusers folder, cached hub id, or a built-in: mini, tiny-random, sd15-arch",
     )
     parser.add_argument(
-        "--device", default="auto", help="auto (CUDA if present), cpu or cuda (pick the GPU with CUDA_VISIBLE_DEVICES)"
+        "--device",
+        default="auto",
+        help="auto (CUDA if present), cpu or cuda (pick the GPU with CUDA_VISIBLE_DEVICES)",
     )
     parser.add_argument(
         "--base-dtype",

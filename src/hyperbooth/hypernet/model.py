@@ -165,6 +165,10 @@ class HyperNetwork(nn.Module):
         r, a, b = config.adapter.rank, config.adapter.lidb_a, config.adapter.lidb_b
         self.split = (r * a, b * r)
         self.encoder, feature_width = build_encoder(config)
+        # A pretrained ViT or CLIP tower takes images of its own size (its position embeddings);
+        # other encoders take config.image_size.
+        declared = getattr(getattr(self.encoder, "config", None), "image_size", None)
+        self.input_size = declared if isinstance(declared, int) else config.image_size
         if config.encoder != SCRATCH_VIT and not config.train_encoder:
             self.encoder.requires_grad_(False).eval()
         self.project = nn.Linear(feature_width, config.width)
@@ -195,9 +199,9 @@ class HyperNetwork(nn.Module):
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Projected image features (B, T, W); computed once per image."""
-        if images.shape[-1] != self.config.image_size:
+        if images.shape[-1] != self.input_size:
             images = nn.functional.interpolate(
-                images, size=(self.config.image_size,) * 2, mode="bilinear", antialias=True
+                images, size=(self.input_size,) * 2, mode="bilinear", antialias=True
             )
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.trains_encoder()):
             features = self.encoder(pixel_values=images).last_hidden_state

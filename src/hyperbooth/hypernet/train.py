@@ -25,6 +25,7 @@ not the photo's background, style and framing.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -142,7 +143,13 @@ def load_identity_set(
         raise HyperboothError(
             f"{precomputed} has no manifest.json; run `hyperbooth precompute --out {precomputed}`"
         )
-    identities = json.loads(manifest_path.read_text())["identities"]
+    try:
+        identities = json.loads(manifest_path.read_text())["identities"]
+    except (ValueError, KeyError, TypeError):
+        raise HyperboothError(
+            f"{manifest_path} is damaged; rerun `hyperbooth precompute --out {precomputed}` "
+            "(it keeps the fitted files and rewrites the manifest)"
+        ) from None
     if not identities:
         raise HyperboothError(f"{precomputed} holds no fitted identities")
     names, pictures, targets, adapter = [], [], {}, None
@@ -150,6 +157,12 @@ def load_identity_set(
         image = images / entry["image"]
         if not image.is_file():
             raise HyperboothError(f"identity {name}: its image {image} is missing from {images}")
+        recorded = entry.get("image_sha256")
+        if recorded and hashlib.sha256(image.read_bytes()).hexdigest() != recorded:
+            raise HyperboothError(
+                f"identity {name}: {image} changed since its LiDB was fitted; rerun `hyperbooth "
+                f"precompute --out {precomputed}` with the same --images (it refits changed ones)"
+            )
         file = read_adapter(precomputed / entry["file"])
         check_fits(file, base, precomputed / entry["file"])
         adapter = adapter or file.config
