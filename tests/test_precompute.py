@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -97,6 +98,11 @@ def test_other_settings_and_duplicate_names_are_one_line_errors(tiny_base, tmp_p
     precompute(tiny_base, images, tmp_path / "out", _config(1, steps=1), progress=False)
     with pytest.raises(HyperboothError, match="other settings.*steps"):
         precompute(tiny_base, images, tmp_path / "out", _config(1, steps=2), progress=False)
+    other = copy.deepcopy(tiny_base)  # a base of the same shapes with other weights
+    with torch.no_grad():
+        next(other.unet.parameters()).add_(0.01)
+    with pytest.raises(HyperboothError, match="other settings.*base_unet"):
+        precompute(other, images, tmp_path / "out", _config(1, steps=1), progress=False)
     Image.new("RGB", (32, 32)).save(tmp_path / "faces" / "face_000.jpg")
     with pytest.raises(HyperboothError, match="share the identity name"):
         precompute(tiny_base, images, tmp_path / "other", _config(1), progress=False)

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from hyperbooth.adapters.config import AdapterConfig
 from hyperbooth.adapters.files import METADATA_KEY, adapter_metadata, atomic_save_safetensors
-from hyperbooth.adapters.inject import add_adapter
+from hyperbooth.adapters.inject import add_adapter, weights_fingerprint
 from hyperbooth.atomic import write_text
 from hyperbooth.diffusion import check_max_timestep, draw_noise, noised_loss, sample_latents
 from hyperbooth.errors import HyperboothError
@@ -107,7 +107,12 @@ def _check_settings(out_dir: Path, settings: dict, accelerator: Accelerator) -> 
     """Write settings.json on a first run; refuse to mix files fitted with other settings."""
     path = out_dir / SETTINGS
     if path.is_file():
-        stored = json.loads(path.read_text())
+        try:
+            stored = json.loads(path.read_text())
+        except ValueError:
+            raise HyperboothError(f"{path} is damaged; pass a new --out") from None
+        # sets fitted before settings.json named the base are taken to share it
+        stored = {"base_unet": settings.get("base_unet"), **stored}
         if stored != settings:
             changed = sorted(k for k in settings if stored.get(k) != settings[k])
             raise HyperboothError(
@@ -194,8 +199,11 @@ def precompute(
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = collect_images(images)
     names = identity_names(paths)
-    _check_settings(out_dir, config.settings(), accelerator)
+    # the base's UNet weights belong to the settings: a LiDB fits the base it was fitted on
+    settings = {**config.settings(), "base_unet": weights_fingerprint(base.unet)}
+    _check_settings(out_dir, settings, accelerator)
     todo = [(n, p) for n, p in zip(names, paths, strict=True) if not _done(out_dir, n, p)]
+    accelerator.wait_for_everyone()  # every process has listed the work before any file appears
     mine = todo[accelerator.process_index :: accelerator.num_processes]
     base.to(accelerator.device)
     k = config.identities_per_step
