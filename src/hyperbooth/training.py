@@ -266,6 +266,18 @@ def save_checkpoint(
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _recover_checkpoint(out_dir: Path) -> None:
+    """Put back a checkpoint that a kill between save_checkpoint's two renames left aside."""
+    final = out_dir / CHECKPOINT_DIR
+    if final.exists():
+        return
+    # state.json is written last, so a folder holding it is whole; the newer one first
+    for aside in (out_dir / f".{CHECKPOINT_DIR}.tmp", out_dir / f".{CHECKPOINT_DIR}.old"):
+        if (aside / "state.json").is_file():
+            os.replace(aside, final)
+            return
+
+
 def _set_values(value: object) -> object:
     """A JSON value with every None-valued dict entry dropped, at any depth."""
     if isinstance(value, dict):
@@ -285,6 +297,7 @@ def load_checkpoint(
     from safetensors.torch import load_file
 
     folder = out_dir / CHECKPOINT_DIR
+    _recover_checkpoint(out_dir)
     if not (folder / "state.json").is_file():
         raise HyperboothError(f"--resume: no checkpoint in {folder} (train without --resume first)")
     state = json.loads((folder / "state.json").read_text())
