@@ -123,6 +123,17 @@ def test_resume_with_other_settings_is_refused(tiny_base, tmp_path):
             resume=True,
             progress=False,
         )
+    with pytest.raises(HyperboothError, match="different settings \\(inputs\\)"):
+        personalise(
+            copy.deepcopy(tiny_base),
+            [Image.new("RGB", (32, 32), (1, 2, 3))],  # other photos into the same run
+            tmp_path / "three",
+            "lidb",
+            adapter=SMALL_LIDB,
+            train_config=TrainConfig(steps=4, device="cpu", checkpoint_every=2),
+            resume=True,
+            progress=False,
+        )
     with pytest.raises(HyperboothError, match="--device 'gpu': give auto, cpu or cuda"):
         make_accelerator(TrainConfig(device="gpu"))
 

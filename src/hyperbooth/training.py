@@ -303,6 +303,8 @@ def load_checkpoint(
     state = json.loads((folder / "state.json").read_text())
     # Settings added after a checkpoint was written are None by default: unset matches absent.
     saved, asked = _set_values(state["run"]), _set_values(run_info)
+    if "inputs" not in saved:  # checkpoints from before the inputs were hashed
+        asked.pop("inputs", None)
     if saved != asked:
         changed = sorted(k for k in {*saved, *asked} if saved.get(k) != asked.get(k))
         raise HyperboothError(

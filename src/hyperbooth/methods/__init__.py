@@ -8,7 +8,7 @@ from pathlib import Path
 from PIL import Image
 
 from hyperbooth.adapters.config import AdapterConfig
-from hyperbooth.adapters.inject import add_adapter, target_layers
+from hyperbooth.adapters.inject import add_adapter, target_layers, weights_fingerprint
 from hyperbooth.choices import METHODS, NEW_WORD_METHODS
 from hyperbooth.errors import HyperboothError
 from hyperbooth.methods.common import SubjectConfig, SubjectData, SubjectMethod, prepare_subject
@@ -109,8 +109,31 @@ def personalise(
         word_steps,
         word_learning_rate,
     )
-    run_info = {"subject": asdict(subject), "method_config": _jsonable(runner)}
+    run_info = {
+        "subject": asdict(subject),
+        "method_config": _jsonable(runner),
+        "inputs": _inputs(base, images, masks),
+    }
     return train(runner, train_config, out_dir, accelerator, resume, run_info, progress)
+
+
+def _inputs(base: object, images: list[Image.Image], masks: list | None) -> dict:
+    """Hashes of what a run learns from (photos, masks, the base's UNet), checked on resume."""
+    import hashlib
+
+    import numpy as np
+
+    photos = hashlib.sha256()
+    for image in images:
+        photos.update(f"{image.mode}{image.size}".encode() + image.tobytes())
+    drawn = None
+    if masks is not None:
+        drawn = hashlib.sha256(b"".join(np.asarray(m, np.float32).tobytes() for m in masks))
+    return {
+        "images": photos.hexdigest()[:16],
+        "masks": None if drawn is None else drawn.hexdigest()[:16],
+        "base_unet": weights_fingerprint(base.unet),
+    }
 
 
 def personalise_concepts(
