@@ -60,6 +60,17 @@ def test_save_and_load_give_the_same_predictions(tiny_base, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(HyperboothError, match="no hypernetwork"):
         load_hypernet(tmp_path / "absent")
+    meta = json.loads((tmp_path / "hypernet.json").read_text())
+    (tmp_path / "hypernet.safetensors").write_text("damaged")
+    with pytest.raises(HyperboothError, match="not a readable safetensors"):
+        load_hypernet(tmp_path)
+    meta["config"]["new_knob"] = 1
+    (tmp_path / "hypernet.json").write_text(json.dumps(meta))
+    with pytest.raises(HyperboothError, match="newer hyperbooth"):
+        load_hypernet(tmp_path)
+    (tmp_path / "hypernet.json").write_text("{")
+    with pytest.raises(HyperboothError, match="is damaged"):
+        load_hypernet(tmp_path)
 
 
 def test_a_pretrained_encoder_loads_by_path_stays_frozen_and_is_not_copied(tiny_base, tmp_path):

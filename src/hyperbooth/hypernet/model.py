@@ -289,6 +289,7 @@ def _encoder_in(folder: Path, encoder: str) -> str:
 
 def load_hypernet(folder: str | Path) -> HyperNetwork:
     """Read a hypernetwork written by save_hypernet (safetensors + JSON only); "mini" is built in."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     folder = BUILT_IN.get(str(folder), Path(folder))
@@ -297,8 +298,15 @@ def load_hypernet(folder: str | Path) -> HyperNetwork:
             f"no hypernetwork in {folder} (need hypernet.json and hypernet.safetensors); "
             "train one with `hyperbooth train-hypernet`"
         )
-    meta = json.loads((folder / "hypernet.json").read_text())
-    settings = dict(meta["config"])
+    try:
+        meta = json.loads((folder / "hypernet.json").read_text())
+        settings = dict(meta["config"])
+        layers = {k: tuple(v) for k, v in meta["layers"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise HyperboothError(
+            f"{folder / 'hypernet.json'} is damaged ({type(error).__name__}: {error}); "
+            "restore it beside its hypernet.safetensors or retrain"
+        ) from None
     encoder = settings.setdefault("encoder", SCRATCH_VIT)
     settings["encoder"] = _encoder_in(folder, encoder)
     expected = meta.get("info", {}).get("encoder_fingerprint")
@@ -308,9 +316,20 @@ def load_hypernet(folder: str | Path) -> HyperNetwork:
             f"{folder} was trained with another {encoder} encoder (weights {expected}, "
             f"installed {found}); restore the encoder it was trained with or retrain it"
         )
-    config = HyperNetConfig(**settings)
-    model = HyperNetwork(config, {k: tuple(v) for k, v in meta["layers"].items()})
-    tensors = load_file(str(folder / "hypernet.safetensors"))
+    try:
+        config = HyperNetConfig(**settings)
+    except TypeError as error:
+        raise HyperboothError(
+            f"{folder / 'hypernet.json'}: {error}; it may come from a newer hyperbooth (upgrade)"
+        ) from None
+    model = HyperNetwork(config, layers)
+    try:
+        tensors = load_file(str(folder / "hypernet.safetensors"))
+    except (SafetensorError, OSError) as error:
+        raise HyperboothError(
+            f"{folder / 'hypernet.safetensors'} is not a readable safetensors file "
+            f"({str(error).splitlines()[0]})"
+        ) from None
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     # A frozen pretrained encoder is not in the file (it loaded from its own folder above).
     missing = [k for k in missing if _stores_encoder(model) or not k.startswith("encoder.")]

@@ -200,7 +200,9 @@ def loss_weights(
 
 
 @torch.no_grad()
-def encode_images(base: object, images: list[Image.Image], device: torch.device, chunk: int = 4):
+def encode_images(
+    base: object, images: list[Image.Image], device: torch.device, chunk: int = 4
+) -> tuple[torch.Tensor, torch.Tensor]:
     """VAE posteriors of images as (mean, std), already multiplied by vae.config.scaling_factor."""
     means, stds = [], []
     scale = base.vae.config.scaling_factor
@@ -222,7 +224,9 @@ def class_images_folder(out_dir: Path, prompt: str) -> Path:
     return out_dir / "class_images" / f"{slug}-{hashlib.sha256(prompt.encode()).hexdigest()[:8]}"
 
 
-def class_images(base: object, subject: SubjectConfig, folder: Path, progress: bool = True):
+def class_images(
+    base: object, subject: SubjectConfig, folder: Path, progress: bool = True
+) -> list[Image.Image]:
     """The prior-preservation images: reuse what is in folder, generate the rest with the frozen base.
 
     A folder this function generated into records its prompt, and is refused for another one
