@@ -18,7 +18,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str, results) -> None:
+def _as_launched(rank: int, world: int, port: int) -> None:
+    """The environment `accelerate launch` gives process `rank` of `world`, and 1 thread."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -27,6 +28,10 @@ def _worker(rank: int, world: int, port: int, out_dir: str, results) -> None:
         LOCAL_RANK=str(rank),
     )
     torch.set_num_threads(1)
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str, results) -> None:
+    _as_launched(rank, world, port)
     from hyperbooth.adapters.config import AdapterConfig
     from hyperbooth.bases import load_base
     from hyperbooth.methods import SubjectConfig, make_method, prepare_subject
@@ -145,14 +150,7 @@ def _fit_alone(out_dir: str, colour: tuple[int, int, int], distributed: bool) ->
 
 
 def _cell_worker(rank: int, world: int, port: int, out_dir: str, results) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        WORLD_SIZE=str(world),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-    )
-    torch.set_num_threads(1)
+    _as_launched(rank, world, port)
     colour = [(150, 80, 40), (20, 60, 220)][rank]  # each process its own subject
     results.put((rank, _fit_alone(os.path.join(out_dir, f"rank{rank}"), colour, False)))
 
