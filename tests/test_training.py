@@ -555,3 +555,19 @@ def test_lr_schedule_is_diffusers_and_resumes_exactly(tiny_base, tmp_path, monke
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     c = load_file(str(constant.output))
     assert any(not torch.equal(a[k], c[k]) for k in a)  # the schedule changed the fit
+
+
+def test_the_fp16_loss_scaler_state_survives_a_checkpoint(tmp_path):
+    from hyperbooth.training import load_checkpoint, make_adamw, save_checkpoint
+
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = make_adamw([{"params": [weight]}], 1e-3, 0.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaler.scale((weight * float("inf")).sum()).backward()  # an overflow: the scale backs off
+    scaler.step(optimizer)
+    scaler.update()
+    assert scaler.get_scale() == 512.0
+    save_checkpoint(tmp_path, 1, {"w": weight}, optimizer, {"x": 1}, scaler)
+    fresh = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    assert load_checkpoint(tmp_path, {"w": weight}, optimizer, {"x": 1}, fresh) == 1
+    assert fresh.state_dict() == scaler.state_dict()

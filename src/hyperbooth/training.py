@@ -244,8 +244,12 @@ def save_checkpoint(
     trainable: dict[str, torch.nn.Parameter],
     optimizer: torch.optim.Optimizer,
     run_info: dict,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> None:
-    """Write <out>/checkpoint atomically: a temp folder renamed over the old one."""
+    """Write <out>/checkpoint atomically: a temp folder renamed over the old one.
+
+    With fp16 the loss scaler's state goes along, so a resumed run skips the steps it would have.
+    """
     final = out_dir / CHECKPOINT_DIR
     tmp = out_dir / f".{CHECKPOINT_DIR}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -255,9 +259,10 @@ def save_checkpoint(
         {k: p.detach() for k, p in trainable.items()}, tmp / "trainable.safetensors"
     )
     atomic_save_safetensors(opt_tensors, tmp / "optimizer.safetensors")
-    (tmp / "state.json").write_text(
-        json.dumps({"step": step, "run": run_info, "optimizer": opt_info})
-    )
+    state = {"step": step, "run": run_info, "optimizer": opt_info}
+    if scaler is not None:
+        state["scaler"] = scaler.state_dict()
+    (tmp / "state.json").write_text(json.dumps(state))
     old = out_dir / f".{CHECKPOINT_DIR}.old"
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
@@ -292,8 +297,9 @@ def load_checkpoint(
     trainable: dict[str, torch.nn.Parameter],
     optimizer: torch.optim.Optimizer,
     run_info: dict,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> int:
-    """Restore trainable tensors and optimizer state; return the step to continue from."""
+    """Restore trainable tensors, optimizer (and fp16 loss-scaler) state; return the next step."""
     from safetensors.torch import load_file
 
     folder = out_dir / CHECKPOINT_DIR
@@ -316,6 +322,8 @@ def load_checkpoint(
         for key, param in trainable.items():
             param.copy_(tensors[key])
     load_optimizer(optimizer, load_file(str(folder / "optimizer.safetensors")), state["optimizer"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
     return int(state["step"])
 
 
@@ -367,7 +375,7 @@ def train(
     run_info = {"method": method.name, "train": loop, **(run_info or {})}
     run_info = json.loads(json.dumps(run_info))  # what JSON would give back, for comparison
 
-    start_step = load_checkpoint(out_dir, trainable, optimizer, run_info) if resume else 0
+    start_step = load_checkpoint(out_dir, trainable, optimizer, run_info, scaler) if resume else 0
     if start_step > config.steps:
         raise HyperboothError(
             f"the checkpoint in {out_dir} is at step {start_step}; resume with --steps "
@@ -421,14 +429,14 @@ def train(
         done = step + 1
         if config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps:
             if main:
-                save_checkpoint(out_dir, done, trainable, optimizer, run_info)
+                save_checkpoint(out_dir, done, trainable, optimizer, run_info, scaler)
             if world > 1:
                 accelerator.wait_for_everyone()
     seconds = time.perf_counter() - started
     output = out_dir
     if save and main:
         output = method.save(out_dir)
-        save_checkpoint(out_dir, config.steps, trainable, optimizer, run_info)
+        save_checkpoint(out_dir, config.steps, trainable, optimizer, run_info, scaler)
     if world > 1:
         accelerator.wait_for_everyone()
     return TrainResult(output, config.steps, seconds, losses, step_seconds, world)
