@@ -32,7 +32,7 @@ from hyperbooth.diffusion import check_max_timestep, draw_noise, noised_loss, sa
 from hyperbooth.errors import HyperboothError
 from hyperbooth.images import collect_images, load_image
 from hyperbooth.methods.common import encode_images, token_ids
-from hyperbooth.training import autocast
+from hyperbooth.training import autocast, resolve_precision
 
 MANIFEST = "manifest.json"
 SETTINGS = "settings.json"
@@ -140,6 +140,10 @@ def fit_chunk(
         params = adapter.parameters()
         # A fresh optimiser per chunk; AdamW is elementwise, so identities never interact.
         optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
+        # fp16 (GPUs without bf16) needs loss scaling; an overflowing step is then skipped for
+        # the whole chunk, the one way identities fitted together can differ from one at a time
+        fp16 = resolve_precision(device, config.mixed_precision) == "fp16"
+        scaler = torch.amp.GradScaler(device.type) if fp16 else None
         losses = torch.zeros(len(names))
         for step in range(config.steps):
             latents, noise, timesteps = [], [], []
@@ -162,8 +166,14 @@ def fit_chunk(
                     reduce=False,
                 )
             # A sum: identity i's gradient is exactly the gradient of its own loss.
-            per_identity.sum().backward()
-            optimizer.step()
+            total = per_identity.sum()
+            if scaler is None:
+                total.backward()
+                optimizer.step()
+            else:
+                scaler.scale(total).backward()
+                scaler.step(optimizer)
+                scaler.update()
             optimizer.zero_grad(set_to_none=True)
             losses = per_identity.detach().float().cpu()
         fitted = adapter.state_dict()  # (K, ...) per key
