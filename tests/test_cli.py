@@ -275,6 +275,7 @@ def test_dreambooth_saves_a_diffusers_folder_that_generates(tmp_path, photo_dir,
     assert main([*argv, "--steps", "2", "--out", str(out)]) == 0
     model = out / "model"
     assert (model / "model_index.json").is_file()
+    assert json.loads((model / "hyperbooth.json").read_text())["base_name"] == "tiny-random"
     StableDiffusionPipeline.from_pretrained(str(model))
     grid = tmp_path / "g.png"
     argv = ["generate", "--base", str(model), "--prompt", "a sks face", "--n", "1", "--steps", "2"]

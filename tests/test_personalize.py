@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 
 import pytest
@@ -111,6 +112,14 @@ def test_the_personalize_command_prints_each_stage_and_exports_rank_1_plus_r(
     assert set(summary["seconds"]) == {"load", "predict", "fine_tune", "save"}
     stored = read_adapter_parts(out)
     assert {part.info["prompt"] for part in stored.values()} == {"a sks face on a white background"}
+    weights = (tmp_path / "hyper" / "hypernet.safetensors").read_bytes()
+    assert (
+        stored["prediction"].info["hypernet"]
+        == {  # which network predicted it
+            "hypernet": str((tmp_path / "hyper").resolve()),
+            "weights_sha256": hashlib.sha256(weights).hexdigest()[:16],
+        }
+    )
     assert cli(["export", "--adapter", str(out), "--format", "kohya", "--out",
                 str(tmp_path / "k.safetensors")]) == 0  # fmt: skip
     downs = [

@@ -292,6 +292,7 @@ def load_hypernet(folder: str | Path) -> HyperNetwork:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    name_or_folder = folder
     folder = BUILT_IN.get(str(folder), Path(folder))
     if not (folder / "hypernet.json").is_file() or not (folder / "hypernet.safetensors").is_file():
         raise HyperboothError(
@@ -338,4 +339,8 @@ def load_hypernet(folder: str | Path) -> HyperNetwork:
             f"{folder / 'hypernet.safetensors'} does not match its hypernet.json "
             f"({len(missing)} missing, {len(unexpected)} unexpected tensors)"
         )
+    # where it came from, for the files it predicts (a built-in by name, a folder by path)
+    weights = hashlib.sha256((folder / "hypernet.safetensors").read_bytes()).hexdigest()[:16]
+    name = name_or_folder if str(name_or_folder) in BUILT_IN else str(Path(folder).resolve())
+    model.source = {"hypernet": str(name), "weights_sha256": weights}
     return model

@@ -168,6 +168,8 @@ def personalize(
     parts: dict[str, tuple[Adapter, dict]] = {}
     subject = config.subject()
     info = {"method": "hyperdreambooth", "prompt": subject.prompt, "settings": asdict(config)}
+    if hypernet is not None and config.use_hypernet:  # which network made the prediction
+        info["hypernet"] = getattr(hypernet, "source", {})  # load_hypernet sets it
     prediction = None
     if config.use_hypernet:
         started = time.perf_counter()

@@ -46,6 +46,11 @@ class DreamBooth(SubjectMethod):
 
         folder = out_dir / "model"
         save_base(self.base, folder)
-        info = {"method": self.name, "subject": asdict(self.subject), "config": asdict(self.config)}
+        info = {
+            "method": self.name,
+            "base_name": getattr(self.base, "name", ""),  # the base it was fine-tuned from
+            "subject": asdict(self.subject),
+            "config": asdict(self.config),
+        }
         write_text(folder / "hyperbooth.json", json.dumps(info, indent=2))
         return folder
