@@ -83,57 +83,28 @@ def test_resume_with_other_settings_is_refused(tiny_base, tmp_path):
     from hyperbooth.errors import HyperboothError
 
     images = _images(1)
-    personalise(
-        copy.deepcopy(tiny_base),
-        images,
-        tmp_path,
-        "lidb",
-        adapter=SMALL_LIDB,
-        train_config=TrainConfig(steps=1, device="cpu"),
-        progress=False,
-    )
+
+    def fit(out, resume=False, photos=images, **config):
+        personalise(
+            copy.deepcopy(tiny_base),
+            photos,
+            out,
+            "lidb",
+            adapter=SMALL_LIDB,
+            train_config=TrainConfig(device="cpu", **config),
+            resume=resume,
+            progress=False,
+        )
+
+    fit(tmp_path, steps=1)
     with pytest.raises(HyperboothError, match="different settings"):
-        personalise(
-            copy.deepcopy(tiny_base),
-            images,
-            tmp_path,
-            "lidb",
-            adapter=SMALL_LIDB,
-            train_config=TrainConfig(steps=2, seed=9, device="cpu"),
-            resume=True,
-            progress=False,
-        )
-    personalise(
-        copy.deepcopy(tiny_base),
-        images,
-        tmp_path / "three",
-        "lidb",
-        adapter=SMALL_LIDB,
-        train_config=TrainConfig(steps=3, device="cpu", checkpoint_every=2),
-        progress=False,
-    )
+        fit(tmp_path, resume=True, steps=2, seed=9)
+    fit(tmp_path / "three", steps=3, checkpoint_every=2)
     with pytest.raises(HyperboothError, match="at step 3; resume with --steps >= 3"):
-        personalise(
-            copy.deepcopy(tiny_base),
-            images,
-            tmp_path / "three",
-            "lidb",
-            adapter=SMALL_LIDB,
-            train_config=TrainConfig(steps=1, device="cpu", checkpoint_every=2),
-            resume=True,
-            progress=False,
-        )
+        fit(tmp_path / "three", resume=True, steps=1, checkpoint_every=2)
     with pytest.raises(HyperboothError, match="different settings \\(inputs\\)"):
-        personalise(
-            copy.deepcopy(tiny_base),
-            [Image.new("RGB", (32, 32), (1, 2, 3))],  # other photos into the same run
-            tmp_path / "three",
-            "lidb",
-            adapter=SMALL_LIDB,
-            train_config=TrainConfig(steps=4, device="cpu", checkpoint_every=2),
-            resume=True,
-            progress=False,
-        )
+        other = [Image.new("RGB", (32, 32), (1, 2, 3))]  # other photos into the same run
+        fit(tmp_path / "three", resume=True, photos=other, steps=4, checkpoint_every=2)
     with pytest.raises(HyperboothError, match="--device 'gpu': give auto, cpu or cuda"):
         make_accelerator(TrainConfig(device="gpu"))
 

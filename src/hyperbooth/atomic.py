@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import secrets
 from collections.abc import Iterator
@@ -63,6 +64,30 @@ def write_text(path: str | os.PathLike[str], text: str) -> None:
     """Write a text file atomically."""
     with atomic_file(path) as temporary:
         temporary.write_text(text)
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """The hex SHA-256 of a file's bytes."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def unreadable_tensors(
+    path: str | os.PathLike[str], error: Exception, hint: str
+) -> HyperboothError:
+    """The one-line error for a file safetensors cannot read, with what to pass instead."""
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return HyperboothError(f"not a readable safetensors file: {path} ({reason}); {hint}")
+
+
+def load_tensors(path: str | os.PathLike[str], hint: str) -> dict:
+    """Every tensor of a safetensors file, or a one-line error ending in hint (what to pass)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise unreadable_tensors(path, error, hint) from None
 
 
 def stored_bytes(path: str | Path) -> int:

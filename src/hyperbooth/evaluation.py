@@ -167,15 +167,10 @@ def _facenet(weights: str):
             f"--face {weights!r}: give {' or '.join(FACENET_WEIGHTS)} (downloaded by "
             "facenet-pytorch) or an existing .safetensors file of InceptionResnetV1's state dict"
         )
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from hyperbooth.atomic import load_tensors
 
-    try:
-        state = {k: v for k, v in load_file(path).items() if not k.startswith("logits.")}
-    except (SafetensorError, OSError, ValueError) as error:
-        raise HyperboothError(
-            f"--face {path}: not a readable safetensors file ({str(error).splitlines()[0][:120]})"
-        ) from None
+    tensors = load_tensors(path, "pass --face with InceptionResnetV1's state dict")
+    state = {k: v for k, v in tensors.items() if not k.startswith("logits.")}
     model = InceptionResnetV1()
     try:
         model.load_state_dict(state)

@@ -10,16 +10,17 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import safe_open, save_file
 
 from hyperbooth.adapters.config import AdapterConfig
 from hyperbooth.adapters.inject import Adapter, add_adapter, base_fingerprint, target_layers
 from hyperbooth.adapters.layers import LiDBWeights, make_weights, shaped_factors
-from hyperbooth.atomic import atomic_file
+from hyperbooth.atomic import atomic_file, load_tensors, unreadable_tensors
 from hyperbooth.errors import HyperboothError
 
 FORMAT = "hyperbooth.adapter/1"
 METADATA_KEY = "hyperbooth"
+_ADAPTER_HINT = "pass an adapter written by hyperbooth"
 PART_SEPARATOR = "/"  # a multi-part file keys its tensors as part/key
 
 
@@ -124,18 +125,7 @@ def adapter_metadata(adapter: Adapter, base_name: str = "", info: dict | None = 
 def _read_file(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """The hyperbooth metadata and the tensors of an adapter file (safetensors only)."""
     meta = _read_meta(path)
-    try:
-        return meta, load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise _unreadable(path, e) from e
-
-
-def _unreadable(path: str | Path, error: Exception) -> HyperboothError:
-    """The one-line error for a file safetensors cannot read."""
-    return HyperboothError(
-        f"not a readable safetensors file: {path} ({str(error).splitlines()[0]}); "
-        "pass an adapter written by hyperbooth"
-    )
+    return meta, load_tensors(path, _ADAPTER_HINT)
 
 
 def _read_meta(path: str | Path) -> dict:
@@ -152,7 +142,7 @@ def _read_meta(path: str | Path) -> dict:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as e:
-        raise _unreadable(path, e) from e
+        raise unreadable_tensors(path, e, _ADAPTER_HINT) from e
     if METADATA_KEY not in metadata:
         raise HyperboothError(
             f"{path} has no hyperbooth metadata; it is not a hyperbooth adapter "

@@ -16,7 +16,6 @@ load, save and export like any fitted LiDB.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch
 from torch import nn
 
 from hyperbooth.adapters.config import AdapterConfig
+from hyperbooth.atomic import file_sha256, load_tensors
 from hyperbooth.errors import HyperboothError
 
 SCRATCH_VIT = "scratch-vit"  # a small ViT with random weights, trained with the hypernetwork
@@ -59,7 +59,7 @@ def encoder_fingerprint(encoder: str) -> str | None:
     source = Path(BUILT_IN_ENCODERS.get(encoder, encoder))
     if not is_trait_encoder(source):
         return None
-    return hashlib.sha256((source / WEIGHTS_FILE).read_bytes()).hexdigest()[:16]
+    return file_sha256(source / WEIGHTS_FILE)[:16]
 
 
 def _lidb() -> AdapterConfig:
@@ -289,9 +289,6 @@ def _encoder_in(folder: Path, encoder: str) -> str:
 
 def load_hypernet(folder: str | Path) -> HyperNetwork:
     """Read a hypernetwork written by save_hypernet (safetensors + JSON only); "mini" is built in."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     name_or_folder = folder
     folder = BUILT_IN.get(str(folder), Path(folder))
     if not (folder / "hypernet.json").is_file() or not (folder / "hypernet.safetensors").is_file():
@@ -324,13 +321,7 @@ def load_hypernet(folder: str | Path) -> HyperNetwork:
             f"{folder / 'hypernet.json'}: {error}; it may come from a newer hyperbooth (upgrade)"
         ) from None
     model = HyperNetwork(config, layers)
-    try:
-        tensors = load_file(str(folder / "hypernet.safetensors"))
-    except (SafetensorError, OSError) as error:
-        raise HyperboothError(
-            f"{folder / 'hypernet.safetensors'} is not a readable safetensors file "
-            f"({str(error).splitlines()[0]})"
-        ) from None
+    tensors = load_tensors(folder / "hypernet.safetensors", "restore it or retrain")
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     # A frozen pretrained encoder is not in the file (it loaded from its own folder above).
     missing = [k for k in missing if _stores_encoder(model) or not k.startswith("encoder.")]
@@ -340,7 +331,7 @@ def load_hypernet(folder: str | Path) -> HyperNetwork:
             f"({len(missing)} missing, {len(unexpected)} unexpected tensors)"
         )
     # where it came from, for the files it predicts (a built-in by name, a folder by path)
-    weights = hashlib.sha256((folder / "hypernet.safetensors").read_bytes()).hexdigest()[:16]
+    weights = file_sha256(folder / "hypernet.safetensors")[:16]
     name = name_or_folder if str(name_or_folder) in BUILT_IN else str(Path(folder).resolve())
     model.source = {"hypernet": str(name), "weights_sha256": weights}
     return model

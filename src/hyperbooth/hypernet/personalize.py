@@ -161,9 +161,21 @@ def personalize(
         raise HyperboothError(
             "--mask and --mask-weight go together: a mask of the subject and its weight (> 0)"
         )
+    train_config = TrainConfig(  # the fine-tune's loop
+        steps=config.steps,
+        learning_rate=config.learning_rate,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        mixed_precision=config.mixed_precision,
+        device=config.device,
+        lr_scheduler=config.lr_scheduler,
+        lr_warmup_steps=config.lr_warmup_steps,
+        distributed=distributed,
+    )
+    accelerator = make_accelerator(train_config)
     # Predict and fine-tune where the accelerator trains (CUDA when present), wherever the
     # caller loaded the base (the demo loads it on the CPU).
-    base.to(make_accelerator(TrainConfig(device=config.device)).device)
+    base.to(accelerator.device)
     seconds: dict[str, float] = {}
     parts: dict[str, tuple[Adapter, dict]] = {}
     subject = config.subject()
@@ -179,18 +191,6 @@ def personalize(
     if config.fine_tune:
         if prediction is not None:
             prediction.merge()  # frozen from here on; the relaxed LoRA learns on top of it
-        train_config = TrainConfig(
-            steps=config.steps,
-            learning_rate=config.learning_rate,
-            batch_size=config.batch_size,
-            seed=config.seed,
-            mixed_precision=config.mixed_precision,
-            device=config.device,
-            lr_scheduler=config.lr_scheduler,
-            lr_warmup_steps=config.lr_warmup_steps,
-            distributed=distributed,
-        )
-        accelerator = make_accelerator(train_config)
         masks = None if mask is None else [mask]
         data = prepare_subject(base, subject, [image], accelerator.device, out.parent, False, masks)
         lora = replace(

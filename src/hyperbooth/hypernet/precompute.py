@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from hyperbooth.adapters.config import AdapterConfig
 from hyperbooth.adapters.files import METADATA_KEY, adapter_metadata, atomic_save_safetensors
 from hyperbooth.adapters.inject import add_adapter, weights_fingerprint
-from hyperbooth.atomic import write_text
+from hyperbooth.atomic import file_sha256, write_text
 from hyperbooth.diffusion import check_max_timestep, draw_noise, noised_loss, sample_latents
 from hyperbooth.errors import HyperboothError
 from hyperbooth.images import collect_images, load_image
@@ -96,11 +96,6 @@ def _identity_seed(seed: int, name: str, step: int) -> int:
     """A seed for one identity's noise at one step (independent of K and of its chunk)."""
     digest = hashlib.sha256(f"{seed}/{name}/{step}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
-def _sha256(path: Path) -> str:
-    """The hex SHA-256 of a file's bytes."""
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _check_settings(out_dir: Path, settings: dict, accelerator: Accelerator) -> None:
@@ -234,7 +229,7 @@ def precompute(
             info = {
                 "identity": name,
                 "image": path.name,
-                "image_sha256": _sha256(path),
+                "image_sha256": file_sha256(path),
                 "final_loss": loss,
                 "settings": config.settings(),
             }
@@ -262,7 +257,7 @@ def _done(out_dir: Path, name: str, image: Path) -> bool:
         return False
     with safe_open(str(path), framework="pt") as f:
         info = json.loads(f.metadata()[METADATA_KEY])["info"]
-    return info.get("image_sha256") == _sha256(image)
+    return info.get("image_sha256") == file_sha256(image)
 
 
 def _manifest(

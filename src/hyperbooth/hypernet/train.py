@@ -25,7 +25,6 @@ not the photo's background, style and framing.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,7 +37,7 @@ from torch.func import functional_call
 from hyperbooth.adapters.config import AdapterConfig
 from hyperbooth.adapters.files import check_fits, read_adapter
 from hyperbooth.adapters.inject import add_adapter
-from hyperbooth.atomic import write_text
+from hyperbooth.atomic import file_sha256, write_text
 from hyperbooth.diffusion import (
     check_max_timestep,
     diffusion_target,
@@ -158,7 +157,7 @@ def load_identity_set(
         if not image.is_file():
             raise HyperboothError(f"identity {name}: its image {image} is missing from {images}")
         recorded = entry.get("image_sha256")
-        if recorded and hashlib.sha256(image.read_bytes()).hexdigest() != recorded:
+        if recorded and file_sha256(image) != recorded:
             raise HyperboothError(
                 f"identity {name}: {image} changed since its LiDB was fitted; rerun `hyperbooth "
                 f"precompute --out {precomputed}` with the same --images (it refits changed ones)"

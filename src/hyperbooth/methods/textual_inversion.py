@@ -217,19 +217,12 @@ def load_textual_inversion(path: str | Path, base: object) -> list[str]:
 
     Also reads A1111's format, one tensor named emb_params, whose word is the file's stem.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from hyperbooth.atomic import load_tensors
 
     path = Path(path)
     if not path.is_file():
         raise HyperboothError(f"embeddings file not found: {path} (check the path)")
-    try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as error:
-        raise HyperboothError(
-            f"not a readable safetensors file: {path} ({str(error).splitlines()[0]}); pass a "
-            "learned_embeds.safetensors file"
-        ) from None
+    tensors = load_tensors(path, "pass a learned_embeds.safetensors file")
     if set(tensors) == {"emb_params"}:  # A1111 / SD webui: the file's name is the word
         tensors = {path.stem: tensors["emb_params"]}
     if not tensors or any("." in token for token in tensors):
